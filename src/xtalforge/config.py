@@ -62,6 +62,8 @@ class RelaxConfig:
     min_distance_factor: float = 0.5  # fail when a pair is closer than this × its minimum distance
     energy_bounds: list[float] = field(default_factory=lambda: [-50.0, 50.0])  # eV/atom sanity bounds
     max_volume_factor: float = 4.0  # fail when the volume grows beyond this × the initial one
+    max_lattice_length: float = 50.0  # Å, fail when a lattice vector grows longer than this
+    min_distance_floor: float = 0.5  # Å, fail below this when no per-pair minimum distances are given
 
 
 @dataclass
@@ -114,7 +116,7 @@ def load_config(path: str | Path) -> RunConfig:
 def from_dict(cls, data: dict, where: str = ""):
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
     if not isinstance(data, dict):
-        raise ConfigError(f"[{where or 'top level'}] must be a table, got {type(data).__name__}")
+        raise ConfigError(f"{where or 'top level'} must be a table, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     unknown = sorted(set(data) - set(fields))
     if unknown:
