@@ -86,7 +86,11 @@ class Deduplicator:
         self.rdf_prefilter = rdf_prefilter
         self.matcher = structure_matcher(ltol, stol, angle_tol, scale)
         self._unique: list[_Unique] = []
-        self._fingerprints: list[np.ndarray] = []
+        # Per unique structure, in growing arrays so each add is O(n), not an O(n) copy.
+        self._fingerprints = _GrowingArray()
+        self._energies = _GrowingArray()
+        self._formula_ids = _GrowingArray(dtype=int)
+        self._formula_index: dict[str, int] = {}
         self.n_matcher_calls = 0  # StructureMatcher fits run (what the pre-filters save)
 
     def __len__(self) -> int:
@@ -110,7 +114,10 @@ class Deduplicator:
         if match is not None:
             match.duplicates.append(key)
             return match.key
-        self._unique.append(_Unique(key, energy_per_atom, structure, structure.composition.reduced_formula))
+        formula = structure.composition.reduced_formula
+        self._unique.append(_Unique(key, energy_per_atom, structure, formula))
+        self._energies.append(np.nan if energy_per_atom is None else float(energy_per_atom))
+        self._formula_ids.append(self._formula_index.setdefault(formula, len(self._formula_index)))
         if fingerprint is not None:
             self._fingerprints.append(fingerprint)
         return None
@@ -131,19 +138,39 @@ class Deduplicator:
 
     def _prefilter(self, formula: str, fingerprint: np.ndarray | None, energy: float | None) -> list[int]:
         """Indices of stored structures that may match, most similar RDF first."""
-        if not self._unique:
+        if not self._unique or formula not in self._formula_index:
             return []
-        keep = np.array([u.formula == formula for u in self._unique])
+        keep = self._formula_ids.view() == self._formula_index[formula]
         if energy is not None and self.energy_tol is not None:
-            energies = np.array([np.nan if u.energy is None else u.energy for u in self._unique], dtype=float)
-            # Unknown energies cannot rule a match out.
-            keep &= ~(np.abs(energies - energy) > self.energy_tol)
+            # Unknown (NaN) energies cannot rule a match out.
+            keep &= ~(np.abs(self._energies.view() - energy) > self.energy_tol)
         order = np.arange(len(self._unique))
         if fingerprint is not None:
-            distance = pairwise_pearson(fingerprint[None, :], np.stack(self._fingerprints))[0]
+            distance = pairwise_pearson(fingerprint[None, :], self._fingerprints.view())[0]
             keep &= distance <= self.rdf_prefilter
             order = np.argsort(distance, kind="stable")
         return [int(k) for k in order if keep[k]]
+
+
+class _GrowingArray:
+    """Rows appended in amortised O(1); ``view()`` is the filled part, no copy."""
+
+    def __init__(self, dtype=float):
+        self._data: np.ndarray | None = None
+        self._size = 0
+        self._dtype = dtype
+
+    def append(self, row) -> None:
+        row = np.asarray(row, dtype=self._dtype)
+        if self._data is None:
+            self._data = np.empty((16, *row.shape), dtype=self._dtype)
+        elif self._size == len(self._data):
+            self._data = np.concatenate([self._data, np.empty_like(self._data)])
+        self._data[self._size] = row
+        self._size += 1
+
+    def view(self) -> np.ndarray:
+        return self._data[: self._size]
 
 
 def unique(

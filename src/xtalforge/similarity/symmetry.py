@@ -61,7 +61,7 @@ def _spacegroup_at(cell, symprec: float, angle_tolerance: float) -> tuple[int, s
         warnings.simplefilter("ignore")
         try:
             dataset = spglib.get_symmetry_dataset(cell, symprec=symprec, angle_tolerance=angle_tolerance)
-        except Exception:  # newer spglib raises SpglibError instead of returning None
+        except spglib.SpglibError:  # with new-style error handling spglib raises instead of returning None
             return None
     if dataset is None:
         return None
