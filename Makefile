@@ -22,7 +22,7 @@ demo: $(STAMP)
 	@echo "Report: $(CURDIR)/demo-run/report.html"
 
 test: $(STAMP)
-	OMP_NUM_THREADS=2 $(PY) -m pytest -m "not dft" -q
+	$(PY) -m pytest -m "not dft" -q
 
 # Real DFT: Debian's libxc/OpenBLAS/PAW setups, then GPAW built against them.
 test-dft: $(STAMP)
