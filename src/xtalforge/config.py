@@ -39,9 +39,10 @@ class StructuresConfig:
     min_distance_scale: float = 0.7
     lattice_min: float = 2.0  # Å, shortest allowed lattice-vector length
     lattice_max: float = 15.0  # Å, longest allowed lattice-vector length
-    # Volume per atom range in Å³; None = derived from atomic volumes.
+    # Volume per atom range in Å³; None = volume_scale_range × the mean atomic volume
+    # (mean of covalent and vdW sphere volumes; the reference crystals lie at 0.64-1.32 ×).
     volume_per_atom: list[float] | None = None
-    volume_scale_range: list[float] = field(default_factory=lambda: [0.8, 1.6])
+    volume_scale_range: list[float] = field(default_factory=lambda: [0.6, 1.5])
     spacegroups: list[int] | None = None  # restrict symmetric generation; None = all compatible
     max_attempts: int = 200  # bounded retries before an impossible-constraints error
     pyxtal_timeout_s: float = 10.0  # abandon one PyXtal attempt after this long
@@ -78,6 +79,81 @@ class SearchConfig:
 
 
 # -- sections of later components are added below this line --
+
+
+@dataclass
+class MeltQuenchConfig:
+    """Melt–quench–anneal training-set MD (seed 000 section II.A); the paper's values in comments."""
+
+    n_atoms: int = 64  # about this many atoms, whole formula units (paper ~100); 0 = the run's composition as is
+    thermostat: Literal["langevin", "bussi", "nose_hoover"] = "langevin"
+    coupling_fs: float = 100.0  # thermostat time constant
+    timestep_fs: float | None = None  # None = 0.38 fs × sqrt(lightest mass / amu), 2 fs for Si
+    frame_interval_fs: float = 20.0  # keep one frame this often (paper 20 fs)
+    superheat_K: float = 4000.0  # paper 4000 K
+    superheat_ps: float = 2.0  # paper 5 ps
+    melt_search_start_K: float | None = None  # None = superheat_K - melt_search_step_K
+    melt_search_step_K: float = 500.0  # cooling step (paper: "gradually"; its T_m are multiples of 500 K)
+    melt_search_min_K: float = 500.0  # lowest temperature tried
+    melt_search_ps: float = 1.0  # MD per trial temperature (paper: not given)
+    liquid_msd_slope: float = 1.0  # Å²/ps: MSD slope above which the cell counts as liquid (6D; D = 1.7e-5 cm²/s)
+    volume_ps: float = 0.5  # MD per pressure-adjustment iteration
+    volume_max_iterations: int = 5
+    pressure_tol_gpa: float = 0.5  # |mean pressure| below which the volume is accepted (paper: "zero")
+    bulk_modulus_gpa: float = 50.0  # first guess for the volume update, then secant estimates
+    max_volume_step: float = 0.1  # largest fractional volume change per iteration
+    liquid_ps: float = 4.0  # NVT liquid at T_m (paper 20 ps)
+    quench_rate_K_per_ps: float = 200.0  # paper 100 K/ps
+    quench_final_K: float = 300.0  # paper 300 K
+    anneal_K: float = 500.0  # paper 500 K
+    anneal_ps: float = 3.0  # paper 15 ps
+    keep_phases: list[str] = field(default_factory=lambda: ["superheat", "liquid", "quench", "anneal"])  # also: melt_search, volume
+    checkpoint_every: int = 250  # MD steps between checkpoints
+
+
+@dataclass
+class OnTheFlyConfig:
+    """On-the-fly sampling (seed 003 section 3.3.2): the ensemble drives MD, the oracle labels uncertain frames."""
+
+    uncertainty_threshold: float = 0.15  # relative force uncertainty U (seed 004 eq. 5) that triggers an oracle call
+    max_uncertainty: float = 1.0  # above this U the oracle is called at once, whatever min_interval_steps says
+    min_interval_steps: int = 10  # at least this many MD steps between two oracle calls (decorrelated frames)
+    bootstrap_steps: int = 100  # oracle-driven superheat steps whose frames train the first ensemble
+    retrain_every: int = 10  # retrain the ensemble after this many new oracle frames
+    n_models: int = 3  # ensemble size
+
+
+@dataclass
+class ActiveConfig:
+    """Active-learning pool search (seed 004); defaults from the paper and the authors' code."""
+
+    search_pool: Literal["symmetric", "random"] = "symmetric"  # candidates the minima are searched in
+    per_spacegroup: int = 30  # symmetric search-pool candidates per compatible space group
+    spacegroups: list[int] | None = None  # None = structures.spacegroups, else all compatible
+    search_pool_size: int = 1000  # search-pool size when search_pool = "random"
+    training_pool_size: int = 1000  # random candidates whose labels train the ensemble
+    training_formula_units: int | None = None  # transferability: training pool of another cell size
+    label_from: Literal["training", "all"] = "training"  # pool that supplies labels (authors: training)
+    batch_size: int = 100  # oracle single points per cycle
+    max_cycles: int = 15
+    n_models: int = 5  # ensemble size
+    force_weight: float = 0.5  # ω_f of the selection score (eq. 2)
+    noise: float = 0.4  # ε, Å, position noise before labelling (eq. 3)
+    noise_damping: float = 0.6  # ω_ε, noise of cycle t is ε·ω_ε^t (eq. 4)
+    noise_first_cycle: bool = False  # the first (random) batch is labelled without noise
+    dbscan_eps: float = 0.5  # on standardised mean-pooled features
+    dbscan_min_samples: int = 2
+    u_max: float = 0.5  # stop relaxing a pool structure when U (eq. 5) passes this
+    stop_k: int = 3  # lowest clusters tracked by the stopping rule and validated
+    stop_cycles: int = 1  # n_cycle: earlier pools compared with the current one
+    stop_tol: float = 0.01  # eV/atom
+    stop_include_training: bool = False  # clusters for stopping/validation from the search pool only
+    validate: bool = True  # relax the best structure of each of the stop_k lowest clusters with the oracle
+    validate_lowest: int | None = None  # also validate the n lowest pool structures outside them; None = stop_k
+    merge_window: float = 0.05  # eV/atom: split a cluster whose low members are distinct structures; 0 = off
+    predict_chunk: int = 512  # structures per ensemble evaluation outside relaxation
+    initial_models: str | None = None  # ensemble file trained elsewhere: relaxes the pool before cycle 1
+    initial_dataset: str | None = None  # extxyz/ASE db of labelled frames added to every training set
 
 
 @dataclass
