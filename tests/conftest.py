@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 from ase.io import read
 
+threadpool_limits(1, user_api="blas")  # 3×3 solves in ASE's cell filter: threads only contend
 torch.set_num_threads(1)  # small tensors: threads cost more than they give
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,5 @@
 """Oracle registry, counting wrapper and failure handling."""
 
-import importlib.util
 
 import numpy as np
 import pytest
@@ -115,11 +114,3 @@ def test_per_call_time_limit():
     assert result.wall_time < 1.5
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gpaw") is None, reason="GPAW not installed: run `make test-dft`")
-@pytest.mark.dft
-def test_gpaw_single_point_si8():
-    oracle = build_oracle(OracleConfig(name="gpaw", settings={"ecut": 250.0, "kpoint_density": 1.5}))
-    result = oracle.single_point(bulk("Si", "diamond", a=5.43, cubic=True))
-    assert result.ok, result.error
-    assert -6.5 < result.energy / 8 < -4.5
-    assert np.abs(result.forces).max() < 0.05

@@ -9,6 +9,7 @@ from xtalforge.config import RunConfig
 from xtalforge.search.context import RunContext, open_run
 from xtalforge.search.outcome import SearchOutcome
 from xtalforge.search.random_search import run_random_search
+from xtalforge.similarity import Deduplicator
 from xtalforge.store import build_summary, write_summary
 
 SEARCH_METHODS: dict[str, Callable[[RunContext], SearchOutcome]] = {"random": run_random_search}
@@ -34,6 +35,7 @@ def run_search(config: RunConfig, run_dir: str | Path, *, progress: bool = True,
         target_found=outcome.target_found,
         oracle_calls_to_target=outcome.oracle_calls_to_target,
         top_k=config.search.top_k,
+        dedupe=lambda: Deduplicator(energy_tol=config.search.energy_tol),
     )
     write_summary(ctx.run_dir, summary)
     ctx.log.info("best %.4f eV/atom (%s); summary in %s", summary["best"]["energy_per_atom"] if summary["best"] else float("nan"),

@@ -1,0 +1,75 @@
+"""End-to-end random search with the Stillinger-Weber oracle, and kill-and-resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from xtalforge.config import load_config
+from xtalforge.errors import ConfigError
+from xtalforge.search import run_search
+from xtalforge.similarity import matches
+from xtalforge.store import RunStore
+
+
+def test_random_search_finds_diamond_si8(sw_config_file, tmp_path, si_diamond):
+    config = load_config(sw_config_file)
+    summary = run_search(config, tmp_path / "run", progress=False)
+    assert summary["target_found"] is True
+    assert 0 < summary["oracle_calls_to_target"] <= summary["oracle_calls"] <= config.search.max_oracle_calls
+    from ase.io import read
+
+    best = read(tmp_path / "run" / summary["best"]["cif"])
+    assert matches(best, si_diamond)
+    assert summary["best"]["spacegroup"].startswith("Fd-3m")
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["oracle_calls"] == summary["oracle_calls"]
+    assert (tmp_path / "run" / "config.toml").exists() and (tmp_path / "run" / "run.log").exists()
+    store = RunStore(tmp_path / "run")
+    assert sum(r.oracle_calls for r in store.records()) == summary["oracle_calls"]
+
+
+def _write_config(path, max_candidates):
+    path.write_text(
+        f'composition = "Si8"\nseed = 3\n[oracle]\nname = "sw"\n[search]\nmethod = "random"\n'
+        f"max_oracle_calls = 100000\nmax_candidates = {max_candidates}\n"
+    )
+    return path
+
+
+def test_kill_and_resume_repeats_no_work(tmp_path):
+    n = 6
+    reference = run_search(load_config(_write_config(tmp_path / "a.toml", n)), tmp_path / "uninterrupted", progress=False)
+    config_file = _write_config(tmp_path / "b.toml", n)
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xtalforge.cli", "search", str(config_file), "--out", str(run_dir), "--no-progress"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "structures.db").exists() and RunStore(run_dir).count() >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "search finished before it could be killed: make the test run longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = RunStore(run_dir).done_candidates()
+    assert 2 <= len(done_before) < n
+    resumed = run_search(load_config(config_file), run_dir, progress=False)
+    assert resumed["oracle_calls"] == reference["oracle_calls"]
+    assert resumed["n_candidates"] == reference["n_candidates"] == n
+    energies = lambda d: sorted((r.candidate, round(r.energy_per_atom or 0, 8)) for r in RunStore(d).records())
+    assert energies(run_dir) == energies(tmp_path / "uninterrupted")
+
+
+def test_resume_with_other_composition_is_refused(tmp_path):
+    run_search(load_config(_write_config(tmp_path / "a.toml", 1)), tmp_path / "run", progress=False)
+    other = tmp_path / "c.toml"
+    other.write_text('composition = "Si6"\n[oracle]\nname = "sw"\n[search]\nmax_candidates = 1\n')
+    with pytest.raises(ConfigError, match="holds a run with composition"):
+        run_search(load_config(other), tmp_path / "run", progress=False)
