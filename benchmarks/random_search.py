@@ -56,6 +56,9 @@ def aggregate(runs: list[dict]) -> dict:
 
 
 def main() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one relaxation at a time: a second thread only spin-waits
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--oracles", default="sw,sevennet")
     parser.add_argument("--sizes", default="8,16")

@@ -17,7 +17,7 @@ _PLUGIN_COMMANDS = ("xtalforge.potentials.commands", "xtalforge.datasets.command
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _limit_blas_threads()
+    _limit_threads()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)
@@ -29,15 +29,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _limit_blas_threads() -> None:
-    """One BLAS thread: our matrices are 3×3 to 100×100, where threads only contend
-    (ASE's Frechet cell filter ran 4× slower with OpenBLAS threads on a busy 2-core box)."""
+def _limit_threads() -> None:
+    """One BLAS and one torch thread unless OMP_NUM_THREADS says otherwise.
+
+    Our matrices are small (3×3 cell solves, per-atom networks): with two threads on a
+    busy 2-core machine, OpenMP spin-waits made SevenNet-0 single points 8× slower and
+    ASE's Frechet cell filter 4× slower.
+    """
     import os
 
-    if "OPENBLAS_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
-        from threadpoolctl import threadpool_limits
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
 
-        threadpool_limits(1, user_api="blas")
+    threadpool_limits(1, user_api="blas")
+    torch.set_num_threads(1)
 
 
 def build_parser() -> argparse.ArgumentParser:

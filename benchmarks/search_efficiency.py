@@ -1,0 +1,211 @@
+"""Oracle calls to the ground state: active-learning pool search against random search (seed 004, Fig. 3).
+
+For each system, seed and candidate mode, both methods run in this one process with
+the same oracle and constraints (seed 004, Table I), each as a real ``run_search``
+with the known ground state as target. The figure of merit is
+``oracle_calls_to_target``; for the active search also ``oracle_calls`` (all calls
+until its own stopping rule fired plus validation) and whether the target was found.
+
+Candidate modes: ``symmetric`` (PyXtal, space group drawn) and ``random`` (fully
+random cells). Random search generates its candidates in that mode; the active
+search uses it for its search pool (its training pool is always random).
+
+Goals (issue 6, item 12): every active run finds the ground state with at most 700
+oracle calls (aim 300), never more than symmetric random search, and at least 10
+times fewer wherever random search needs more than 3,000 calls.
+
+    python benchmarks/search_efficiency.py                           # full: 4 systems x 3 seeds x 2 modes, sevennet
+    python benchmarks/search_efficiency.py --systems Si8 --oracle sw --seeds 0 --modes symmetric \\
+        --set active.training_pool_size=200 --set active.per_spacegroup=10
+
+``--set section.key=value`` (repeatable, TOML values) overrides any config key of the
+active run (``active.*``, ``potential.*``, ``relax.*``, ...); ``--random-budget`` and
+``--active-budget`` cap oracle calls per run. Later search methods add themselves to
+``METHODS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REFERENCE_DIR, finish  # noqa: E402
+
+from xtalforge.config import RunConfig, from_dict, to_dict  # noqa: E402
+from xtalforge.search import run_search  # noqa: E402
+
+# Seed 004, Table I: pair minimum distances and lattice bounds; targets from MaterialsProject.
+SYSTEMS = {
+    "Si8": dict(composition="Si8", target="Si_diamond_Fd-3m.cif", min_distances={"Si-Si": 1.6}, lattice=(3.0, 15.0)),
+    "Si16": dict(composition="Si16", target="Si_diamond_Fd-3m.cif", min_distances={"Si-Si": 1.6}, lattice=(3.0, 15.0)),
+    "Na8Cl8": dict(composition="Na8Cl8", target="NaCl_rocksalt_Fm-3m.cif",
+                   min_distances={"Na-Na": 2.0, "Cl-Cl": 2.0, "Na-Cl": 1.5}, lattice=(3.0, 15.0)),
+    "Ga8As8": dict(composition="Ga8As8", target="GaAs_zincblende_F-43m.cif",
+                   min_distances={"Ga-Ga": 2.0, "As-As": 2.0, "Ga-As": 1.5}, lattice=(3.0, 15.0)),
+    "Al4O6": dict(composition="Al4O6", target="Al2O3_corundum_R-3c.cif",
+                  min_distances={"Al-Al": 2.0, "O-O": 2.0, "Al-O": 1.5}, lattice=(2.0, 15.0)),
+}
+METHODS = ("random", "active")
+
+
+def base_config(system: str, seed: int, mode: str, oracle: str, target_dir: Path) -> dict:
+    spec = SYSTEMS[system]
+    return {
+        "composition": spec["composition"],
+        "seed": seed,
+        "oracle": {"name": oracle},
+        "structures": {"mode": mode, "min_distances": dict(spec["min_distances"]),
+                       "lattice_min": spec["lattice"][0], "lattice_max": spec["lattice"][1]},
+        "search": {"target": str(target_dir / spec["target"])},
+    }
+
+
+def method_config(base: dict, method: str, budget: int, mode: str, overrides: dict) -> RunConfig:
+    data = copy.deepcopy(base)
+    data["search"].update(method=method, max_oracle_calls=budget)
+    if method == "active":
+        data.setdefault("active", {})["search_pool"] = mode
+        _merge(data, overrides)
+    return from_dict(RunConfig, data)
+
+
+def _merge(data: dict, overrides: dict) -> None:
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            _merge(data.setdefault(key, {}), value)
+        else:
+            data[key] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["active.batch_size=50", ...]`` as a nested dict (values parsed as TOML)."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set {item!r}: write section.key=value")
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+        *sections, name = key.strip().split(".")
+        node = out
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = parsed
+    return out
+
+
+def one_run(config: RunConfig, workdir: Path, label: str) -> dict:
+    run_dir = workdir / label
+    start = time.perf_counter()
+    try:
+        summary = run_search(config, run_dir, progress=False)
+    except Exception as exc:  # noqa: BLE001 - one broken run must not cost the others
+        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300], "wall_time_s": round(time.perf_counter() - start, 1)}
+    out = {
+        "found": bool(summary["target_found"]),
+        "oracle_calls_to_target": summary["oracle_calls_to_target"],
+        "oracle_calls": summary["oracle_calls"],
+        "best_energy_per_atom": (summary.get("best") or {}).get("energy_per_atom"),
+        "best_spacegroup": (summary.get("best") or {}).get("spacegroup"),
+        "wall_time_s": round(time.perf_counter() - start, 1),
+    }
+    cycles_file = run_dir / "cycles.json"
+    if cycles_file.exists():
+        import json
+
+        cycles = json.loads(cycles_file.read_text())
+        out["cycles"] = len(cycles.get("cycles") or [])
+        out["stop_reason"] = cycles.get("stop_reason")
+        out["validation_calls"] = sum(int(r.get("oracle_calls") or 0) for r in cycles.get("validation") or [])
+    return out
+
+
+def goals(rows: list[dict]) -> dict:
+    """Check the issue's goals per system from the runs of all seeds."""
+    verdict = {}
+    for system in sorted({r["system"] for r in rows}):
+        active = [r for r in rows if r["system"] == system and r["method"] == "active" and "error" not in r]
+        random_sym = [r for r in rows if r["system"] == system and r["method"] == "random" and r["mode"] == "symmetric"
+                      and r.get("found")]
+        if not active:
+            continue
+        calls = [r["oracle_calls"] for r in active]
+        found = all(r.get("found") for r in active)
+        random_median = statistics.median(r["oracle_calls_to_target"] for r in random_sym) if random_sym else None
+        verdict[system] = {
+            "all_active_found": found,
+            "active_max_calls": max(calls),
+            "within_700": found and max(calls) <= 700,
+            "not_worse_than_symmetric_random": None if random_median is None else bool(found and statistics.median(calls) <= random_median),
+            "tenfold_where_random_above_3000": (None if random_median is None or random_median <= 3000
+                                                else bool(found and 10 * statistics.median(calls) <= random_median)),
+        }
+    return verdict
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--systems", default="Si16,Na8Cl8,Ga8As8,Al4O6", help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--modes", default="symmetric,random", help="candidate modes: symmetric,random")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--oracle", default="sevennet")
+    parser.add_argument("--random-budget", type=int, default=20000, help="oracle-call cap of each random-search run")
+    parser.add_argument("--active-budget", type=int, default=5000, help="oracle-call cap of each active run")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for the active runs (repeatable)")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep run directories here (default: a temporary one)")
+    parser.add_argument("--name", default="search_efficiency", help="results/NAME.json")
+    args = parser.parse_args()
+    overrides = parse_overrides(args.overrides)
+    systems = args.systems.split(",")
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise SystemExit(f"unknown system {unknown[0]!r}: choose from {', '.join(SYSTEMS)}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        rows = []
+        for system in systems:
+            for mode in args.modes.split(","):
+                for seed in map(int, args.seeds.split(",")):
+                    base = base_config(system, seed, mode, args.oracle, REFERENCE_DIR)
+                    for method in args.methods.split(","):
+                        budget = args.active_budget if method == "active" else args.random_budget
+                        config = method_config(base, method, budget, mode, overrides)
+                        result = one_run(config, workdir, f"{system}_{mode}_{method}_s{seed}")
+                        row = {"system": system, "mode": mode, "seed": seed, "method": method, "budget": budget, **result}
+                        rows.append(row)
+                        print(_line(row), flush=True)
+    print()
+    print(f"{'system':8s} {'mode':9s} {'method':7s} {'found':6s} {'calls to target (per seed)':28s} {'calls total':14s}")
+    for key in sorted({(r["system"], r["mode"], r["method"]) for r in rows}):
+        group = [r for r in rows if (r["system"], r["mode"], r["method"]) == key]
+        found = sum(bool(r.get("found")) for r in group)
+        to_target = ",".join(str(r.get("oracle_calls_to_target")) for r in group)
+        total = ",".join(str(r.get("oracle_calls")) for r in group)
+        print(f"{key[0]:8s} {key[1]:9s} {key[2]:7s} {found}/{len(group):<4d} {to_target:28s} {total:14s}")
+    finish(args.name, {
+        "oracle": args.oracle, "systems": systems, "seeds": args.seeds, "modes": args.modes,
+        "random_budget": args.random_budget, "active_budget": args.active_budget,
+        "active_overrides": overrides, "goals": goals(rows), "runs": rows,
+        "active_defaults": to_dict(from_dict(RunConfig, {"composition": "Si"})).get("active"),
+    })
+
+
+def _line(row: dict) -> str:
+    if "error" in row:
+        return f"{row['system']} {row['mode']} seed {row['seed']} {row['method']}: ERROR {row['error']}"
+    extra = f" cycles={row.get('cycles')} stop={row.get('stop_reason')!r}" if row["method"] == "active" else ""
+    return (f"{row['system']} {row['mode']} seed {row['seed']} {row['method']}: found={row['found']} "
+            f"calls_to_target={row['oracle_calls_to_target']} calls={row['oracle_calls']} {row['wall_time_s']} s{extra}")
+
+
+if __name__ == "__main__":
+    main()
