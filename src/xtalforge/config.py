@@ -82,10 +82,73 @@ class SearchConfig:
 
 
 @dataclass
+class PotentialConfig:
+    """Behler–Parrinello NNP ensemble (seed 000 II.B; seed 003 secs. 2, 3.2–3.4, 5; seed 004 V.A)."""
+
+    # Symmetry functions: per element pair 8 radial + 18 angular within 6 Å (seed 000, SIMPLE-NN's set).
+    cutoff: float = 6.0  # Å
+    radial_eta: list[float] = field(
+        default_factory=lambda: [0.003214, 0.035711, 0.071421, 0.124987, 0.214264, 0.357106, 0.714213, 1.428426]
+    )  # Å⁻²
+    radial_shift: list[float] | None = None  # Å, one per radial eta; None = all 0
+    # "g5": angular functions without the r_jk factor, exact moment expansion, cost ∝ neighbours;
+    # "g4": Behler's G4 with r_jk, explicit triplets, cost ∝ neighbours² (about 10× slower).
+    angular: Literal["g5", "g4"] = "g5"
+    angular_eta: list[float] = field(default_factory=lambda: [0.000357, 0.028569, 0.089277])  # Å⁻²
+    angular_zeta: list[int] = field(default_factory=lambda: [1, 2, 4])
+    angular_lambda: list[int] = field(default_factory=lambda: [-1, 1])
+    pca_tol: float = 1e-5  # PCA directions with correlation eigenvalue below this × the largest are dropped
+    # Networks: one MLP per element (seed 000: 30-30).
+    hidden_layers: list[int] = field(default_factory=lambda: [30, 30])
+    # SiLU trained to half the force error of tanh in the same epochs on Stillinger-Weber Si.
+    activation: Literal["tanh", "sigmoid", "silu", "softplus"] = "silu"
+    n_models: int = 5  # ensemble members (seed 004: 5)
+    # "independent": N networks from different initialisations and validation splits;
+    # "replica": one reference network plus N-1 replicas of other widths trained on its
+    # atomic energies (seed 003 section 5).
+    ensemble: Literal["independent", "replica"] = "independent"
+    dtype: Literal["float32", "float64"] = "float32"  # float32 is about 2× faster on CPU
+    device: str = "cpu"
+    # Training: Adam on minibatches, 10 % validation (seed 000).
+    epochs: int = 1000  # at most
+    batch_size: int = 16  # structures per minibatch
+    lr: float = 2e-3
+    lr_decay: float = 0.5  # learning rate × this when the validation loss stalls ...
+    lr_patience: int = 15  # ... for this many epochs
+    min_lr: float = 1e-5
+    patience: int = 50  # early stopping: epochs without validation improvement
+    max_time_s: float | None = None  # wall-clock limit per model
+    val_fraction: float = 0.1
+    # Loss = Σ weight × MSE / target² (each term is 1 when its RMSE is at its target) + l2 Σ w².
+    energy_weight: float = 1.0  # energy per atom
+    force_weight: float = 5.0  # forces carry 3N numbers per structure: weight them up
+    stress_weight: float = 0.1
+    l2: float = 1e-6
+    target_energy_mev_atom: float = 10.0  # seed 000
+    target_force_ev_a: float = 0.2
+    target_stress_kbar: float = 10.0
+    stop_at_targets: bool = True  # stop as soon as all validation RMSEs are below their targets
+    # Gaussian density function weighting of the force loss (seed 003 eqs. 4-5).
+    gdf_weighting: bool = False
+    gdf_sigma: float = 0.2  # Gaussian width in whitened feature space
+    gdf_max_weight: float = 10.0
+    # Structures whose largest force lies more than this many standard deviations above the
+    # mean of the largest forces are left out (seed 004 V.A); None keeps all.
+    force_outlier_sigma: float | None = 3.0
+    # ZBL repulsion below the shortest distance of each element pair in the training data.
+    zbl: bool = True
+    zbl_switch_width: float = 0.5  # Å over which the repulsion switches on
+
+
+@dataclass
 class MeltQuenchConfig:
     """Melt–quench–anneal training-set MD (seed 000 section II.A); the paper's values in comments."""
 
     n_atoms: int = 64  # about this many atoms, whole formula units (paper ~100); 0 = the run's composition as is
+    # Random start (paper: ~100 atoms placed randomly): volume per atom as a multiple of the mean
+    # atomic volume of [structures] (0.9 ≈ solid density), cell lengths within this range × V^(1/3)
+    initial_volume_scale: float = 0.9
+    cell_length_range: list[float] = field(default_factory=lambda: [0.8, 1.3])
     thermostat: Literal["langevin", "bussi", "nose_hoover"] = "langevin"
     coupling_fs: float = 100.0  # thermostat time constant
     timestep_fs: float | None = None  # None = 0.38 fs × sqrt(lightest mass / amu), 2 fs for Si
@@ -97,6 +160,8 @@ class MeltQuenchConfig:
     melt_search_min_K: float = 500.0  # lowest temperature tried
     melt_search_ps: float = 1.0  # MD per trial temperature (paper: not given)
     liquid_msd_slope: float = 1.0  # Å²/ps: MSD slope above which the cell counts as liquid (6D; D = 1.7e-5 cm²/s)
+    msd_skip_fraction: float = 0.25  # start of each segment left out of the MSD fit (equilibration)
+    msd_min_lag_fs: float = 100.0  # shortest MSD lag fitted (past the vibrational plateau's rise)
     volume_ps: float = 0.5  # MD per pressure-adjustment iteration
     volume_max_iterations: int = 5
     pressure_tol_gpa: float = 0.5  # |mean pressure| below which the volume is accepted (paper: "zero")
@@ -115,10 +180,10 @@ class MeltQuenchConfig:
 class OnTheFlyConfig:
     """On-the-fly sampling (seed 003 section 3.3.2): the ensemble drives MD, the oracle labels uncertain frames."""
 
-    uncertainty_threshold: float = 0.15  # relative force uncertainty U (seed 004 eq. 5) that triggers an oracle call
-    max_uncertainty: float = 1.0  # above this U the oracle is called at once, whatever min_interval_steps says
-    min_interval_steps: int = 10  # at least this many MD steps between two oracle calls (decorrelated frames)
-    bootstrap_steps: int = 100  # oracle-driven superheat steps whose frames train the first ensemble
+    uncertainty_threshold: float = 0.15  # relative force uncertainty U (seed 004 eq. 5) above which a candidate is labelled
+    max_uncertainty: float = 1.0  # above this U the oracle also drives that MD step (the NNP is lost there)
+    bootstrap_steps: int = 100  # oracle-driven MD steps at the start; their frames train the first ensemble
+    bootstrap_stride: int = 2  # keep every this-many-th bootstrap step as a training frame
     retrain_every: int = 10  # retrain the ensemble after this many new oracle frames
     n_models: int = 3  # ensemble size
 
@@ -135,8 +200,7 @@ class ActiveConfig:
     training_formula_units: int | None = None  # transferability: training pool of another cell size
     label_from: Literal["training", "all"] = "training"  # pool that supplies labels (authors: training)
     batch_size: int = 100  # oracle single points per cycle
-    max_cycles: int = 15
-    n_models: int = 5  # ensemble size
+    max_cycles: int = 15  # the ensemble (size, architecture, training) is set in [potential]
     force_weight: float = 0.5  # ω_f of the selection score (eq. 2)
     noise: float = 0.4  # ε, Å, position noise before labelling (eq. 3)
     noise_damping: float = 0.6  # ω_ε, noise of cycle t is ε·ω_ε^t (eq. 4)
@@ -166,6 +230,10 @@ class RunConfig:
     structures: StructuresConfig = field(default_factory=StructuresConfig)
     relax: RelaxConfig = field(default_factory=RelaxConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    potential: PotentialConfig = field(default_factory=PotentialConfig)
+    active: ActiveConfig = field(default_factory=ActiveConfig)
+    meltquench: MeltQuenchConfig = field(default_factory=MeltQuenchConfig)
+    onthefly: OnTheFlyConfig = field(default_factory=OnTheFlyConfig)
     base_dir: Path = field(default=Path("."), metadata={"internal": True})
 
     def resolve_path(self, path: str | None) -> Path | None:

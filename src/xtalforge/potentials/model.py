@@ -1,0 +1,333 @@
+"""Behler–Parrinello network: symmetry functions → per-element PCA whitening → per-element MLP.
+
+E = Σ_i [e_ref(Z_i) + NN_{Z_i}(W_{Z_i} (G_i - μ_{Z_i}))] + E_ZBL (seed 000 II.B, seed 003 sec. 2).
+
+Forces and stress come from one gradient of the network energies with respect to the
+per-atom moments A of the descriptor (autograd through the small per-atom part), which
+:meth:`SymmetryFunctions.slot_gradients` turns into dE/d(pair vector) analytically; forces
+and the virial are then sums over pairs.  This equals autograd with respect to positions
+and a strain (SchNetPack's ``response.py``) but lets all ensemble members share one pass
+over the pairs, which is where the time goes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import pairwise
+
+import torch
+from ase.data import atomic_numbers, chemical_symbols
+from torch import nn
+
+from xtalforge.potentials.descriptors import NeighbourGraph, SymmetryFunctions
+from xtalforge.potentials.zbl import switched_zbl
+
+ACTIVATIONS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU, "softplus": nn.Softplus}
+
+
+class ElementNetwork(nn.Module):
+    """MLP for one element: whitened features → atomic energy, plus the last hidden layer."""
+
+    def __init__(self, n_inputs: int, hidden_layers, activation: str = "tanh", generator: torch.Generator | None = None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+        sizes = [n_inputs, *hidden_layers]
+        self.hidden = nn.ModuleList(nn.Linear(a, b, dtype=torch.float64) for a, b in pairwise(sizes))
+        self.activation = ACTIVATIONS[activation]()
+        self.output = nn.Linear(sizes[-1], 1, dtype=torch.float64)
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """LeCun-normal weights from ``generator`` (never the global RNG), zero biases."""
+        for layer in [*self.hidden, self.output]:
+            fan_in = layer.weight.shape[1]
+            noise = torch.randn(layer.weight.shape, generator=generator, dtype=torch.float64)
+            layer.weight.copy_(noise / fan_in**0.5)
+            layer.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x
+        for layer in self.hidden:
+            h = self.activation(layer(h))
+        return self.output(h).squeeze(-1), h
+
+
+@dataclass
+class MemberOutputs:
+    """Raw outputs of M models on one graph (leading dimension M)."""
+
+    energy: torch.Tensor  # (M, S)
+    atomic_energies: torch.Tensor  # (M, N)
+    forces: torch.Tensor | None = None  # (M, N, 3)
+    stress: torch.Tensor | None = None  # (M, S, 3, 3)
+    hidden: torch.Tensor | None = None  # (M, N, H) last hidden layer
+
+
+class BPNN(nn.Module):
+    """One Behler–Parrinello neural network potential.
+
+    Buffers hold everything fitted before training (stored in model files): per-element
+    feature mean and whitening matrix, reference energies, and the ZBL onset distances.
+    """
+
+    def __init__(
+        self,
+        elements,
+        descriptor: SymmetryFunctions | None = None,
+        hidden_layers=(30, 30),
+        activation: str = "silu",
+        *,
+        zbl: bool = True,
+        zbl_switch_width: float = 0.5,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        symbols = [chemical_symbols[e] if isinstance(e, int) else str(e) for e in elements]
+        unknown = [s for s in symbols if s not in atomic_numbers]
+        if unknown or not symbols:
+            raise ValueError(f"elements must be chemical symbols, got {list(elements)}")
+        self.elements: list[str] = sorted(set(symbols), key=lambda s: atomic_numbers[s])
+        self.descriptor = descriptor or SymmetryFunctions()
+        self.hidden_layers = [int(h) for h in hidden_layers]
+        self.activation = activation
+        self.zbl = bool(zbl)
+        self.zbl_switch_width = float(zbl_switch_width)
+        n_el, n_feat = len(self.elements), self.descriptor.n_features(len(self.elements))
+        self.networks = nn.ModuleList(
+            ElementNetwork(n_feat, self.hidden_layers, activation, generator) for _ in self.elements
+        )
+        lookup = torch.full((len(chemical_symbols),), -1, dtype=torch.long)
+        numbers = [atomic_numbers[s] for s in self.elements]
+        lookup[numbers] = torch.arange(n_el)
+        self.register_buffer("element_lookup", lookup)
+        self.register_buffer("element_numbers", torch.tensor(numbers, dtype=torch.long))
+        self.register_buffer("feature_mean", torch.zeros(n_el, n_feat, dtype=torch.float64))
+        self.register_buffer("feature_transform", torch.eye(n_feat, dtype=torch.float64).repeat(n_el, 1, 1))
+        self.register_buffer("reference_energies", torch.zeros(n_el, dtype=torch.float64))
+        # Shortest distance per element pair in the training data; ZBL acts only below it.
+        self.register_buffer("zbl_onset", torch.zeros(n_el, n_el, dtype=torch.float64))
+        self.metrics: dict = {}
+        self.config: dict = {}
+
+    # -- shared API with Ensemble
+
+    @property
+    def members(self) -> list[BPNN]:
+        return [self]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.feature_mean.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.feature_mean.device
+
+    @property
+    def n_features(self) -> int:
+        return self.descriptor.n_features(len(self.elements))
+
+    @property
+    def n_hidden_features(self) -> int:
+        return self.hidden_layers[-1]
+
+    def as_ensemble(self):
+        from xtalforge.potentials.ensemble import Ensemble
+
+        return Ensemble([self])
+
+    def predict(self, batch, stress: bool = True, features: bool = False):
+        """Energy, forces, stress (and features) of a batch; ensemble fields are zero."""
+        return self.as_ensemble().predict(batch, stress=stress, features=features)
+
+    def predict_atoms(self, atoms_list, stress: bool = True, features: bool = False, batch_size: int | None = None):
+        return self.as_ensemble().predict_atoms(atoms_list, stress=stress, features=features, batch_size=batch_size)
+
+    def atomic_features(self, batch):
+        return self.as_ensemble().atomic_features(batch)
+
+    def calculator(self):
+        return self.as_ensemble().calculator()
+
+    def save(self, path) -> None:
+        self.as_ensemble().save(path)
+
+    # -- fitted preprocessing
+
+    @torch.no_grad()
+    def set_whitening(self, mean: torch.Tensor, transform: torch.Tensor) -> None:
+        self.feature_mean.copy_(mean)
+        self.feature_transform.copy_(transform)
+
+    @torch.no_grad()
+    def set_reference_energies(self, energies) -> None:
+        self.reference_energies.copy_(torch.as_tensor(energies, dtype=self.reference_energies.dtype))
+
+    @torch.no_grad()
+    def set_zbl_onset(self, distances) -> None:
+        self.zbl_onset.copy_(torch.as_tensor(distances, dtype=self.zbl_onset.dtype))
+
+    # -- evaluation
+
+    def graph(self, batch) -> NeighbourGraph:
+        from xtalforge.potentials.descriptors import build_graph
+
+        return build_graph(batch, self.descriptor.cutoff, self.element_lookup.cpu(), len(self.elements), dtype=self.dtype).to(self.device)
+
+    def atomic_outputs(self, features: torch.Tensor, groups, inverse) -> tuple[torch.Tensor, torch.Tensor]:
+        """Atomic energies (N,) including reference energies, and last hidden layers (N, H)."""
+        if len(self.networks) == 1:  # one element: no regrouping
+            energy, h = self.networks[0]((features - self.feature_mean[0]) @ self.feature_transform[0])
+            return energy + self.reference_energies[0], h
+        energies, hidden = [], []
+        for e, (idx, net) in enumerate(zip(groups, self.networks)):
+            x = (features[idx] - self.feature_mean[e]) @ self.feature_transform[e]
+            energy, h = net(x)
+            energies.append(energy + self.reference_energies[e])
+            hidden.append(h)
+        return torch.cat(energies)[inverse], torch.cat(hidden)[inverse]
+
+    def zbl_terms(self, graph: NeighbourGraph, r: torch.Tensor | None = None):
+        """ZBL energy per structure (S,) and dE/dvec per slot (n, E, W, 3); None when no pair is
+        closer than its onset (the usual case, detected with one reduction)."""
+        if not self.zbl:
+            return None
+        max_onset = float(self.zbl_onset.max())
+        vec = graph.vec.detach()
+        if r is None:
+            r = torch.linalg.vector_norm(vec, dim=-1)
+        if max_onset <= 0.0 or r.numel() == 0 or float(r.min()) >= max_onset:
+            return None
+        onset = self.zbl_onset[graph.element][:, :, None].expand_as(r)
+        close = torch.nonzero(r < onset, as_tuple=True)
+        if close[0].numel() == 0:
+            return None
+        z_i = self.element_numbers[graph.element[close[0]]]
+        z_j = self.element_numbers[close[1]]
+        r_close = r[close]
+        energy, denergy = switched_zbl(r_close, z_i, z_j, onset[close], self.zbl_switch_width)
+        # Every pair is listed from both ends: half of the pair energy per slot.
+        per_system = energy.new_zeros(graph.n_systems).index_add_(0, graph.system_idx[close[0]], 0.5 * energy)
+        grads = torch.zeros_like(vec)
+        grads[close] = (0.5 * denergy / r_close)[:, None] * vec[close]
+        return per_system, grads
+
+
+# Atoms per chunk in prediction: keeps the per-slot arrays (~60 numbers × 45 neighbours per atom)
+# in cache, which matters more on CPU than the per-operation overhead of more, smaller chunks.
+CHUNK_ATOMS = 256
+
+
+def evaluate_members(
+    members: list[BPNN],
+    graph: NeighbourGraph,
+    *,
+    forces: bool = True,
+    stress: bool = True,
+    hidden: bool = False,
+    create_graph: bool = False,
+    chunk_atoms: int | None = CHUNK_ATOMS,
+) -> MemberOutputs:
+    """Energies (and forces, stress, hidden features) of every member on one graph.
+
+    All members share the descriptor and elements; the neighbour work (basis functions,
+    moments, gradients with respect to the pair vectors) is done once for all of them.
+    Atoms are processed in chunks of ``chunk_atoms`` (None: all at once).
+    """
+    n_members, n_atoms = len(members), graph.n_atoms
+    if n_atoms == 0:  # an empty batch: empty (or zero-energy) results of the right shapes
+        empty = graph.vec.new_zeros
+        return MemberOutputs(
+            energy=empty(n_members, graph.n_systems), atomic_energies=empty(n_members, 0),
+            forces=empty(n_members, 0, 3) if forces else None,
+            stress=empty(n_members, graph.n_systems, 3, 3) if stress else None,
+            hidden=empty(n_members, 0, members[0].hidden_layers[-1]) if hidden else None,
+        )
+    need_grad = forces or stress
+    step = n_atoms if (chunk_atoms is None or create_graph) else max(1, int(chunk_atoms))
+    atomic_parts, hidden_parts, own_parts, virial_parts = [], [], [], []
+    neighbour_forces = zbl_energy = None
+    for start in range(0, max(n_atoms, 1), step):
+        sub = graph.atom_slice(start, min(start + step, n_atoms)) if step < n_atoms else graph
+        atomic, slot_grad, hid, zbl = _chunk_outputs(members, sub, need_grad, hidden, create_graph)
+        atomic_parts.append(atomic)
+        if hidden:
+            hidden_parts.append(hid)
+        if zbl is not None:
+            zbl_energy = zbl[0] if zbl_energy is None else zbl_energy + zbl[0]
+            if slot_grad is not None:
+                slot_grad = slot_grad + zbl[1][:, :, :, None, :]
+        if slot_grad is None:
+            continue
+        n_sub = sub.n_atoms
+        flat = slot_grad.reshape(n_sub, -1, n_members * 3)  # (n, E·W, M·3)
+        if forces:
+            # vec = r_j - r_i: the centre gets +dE/dvec, the neighbour -dE/dvec.
+            own_parts.append(flat.sum(1))
+            # (index_add with alpha != 1 takes a far slower path: subtract afterwards instead)
+            contribution = flat.new_zeros(n_atoms, n_members * 3).index_add(
+                0, sub.neighbour.reshape(-1), flat.reshape(-1, n_members * 3))
+            neighbour_forces = contribution if neighbour_forces is None else neighbour_forces + contribution
+        if stress:
+            vec = sub.vec.detach().reshape(n_sub, -1, 3)
+            virial_parts.append(vec.transpose(1, 2) @ flat)  # (n, 3, M·3): Σ_slots vec ⊗ dE/dvec
+    atomic = torch.cat(atomic_parts, dim=1)
+    energy = atomic.new_zeros(n_members, graph.n_systems).index_add(1, graph.system_idx, atomic)
+    if zbl_energy is not None:
+        energy = energy + zbl_energy
+    out = MemberOutputs(energy=energy, atomic_energies=atomic)
+    if hidden:
+        out.hidden = torch.cat(hidden_parts, dim=1)
+    if forces:
+        f = torch.cat(own_parts) - neighbour_forces
+        out.forces = f.view(n_atoms, n_members, 3).transpose(0, 1)
+    if stress:
+        # σ = (1/V) ∂E/∂ε = (1/V) Σ_slots vec ⊗ ∂E/∂vec (ASE sign: positive = tensile).
+        per_atom = torch.cat(virial_parts).view(n_atoms, 3, n_members, 3).permute(2, 0, 1, 3).reshape(n_members, n_atoms, 9)
+        virial = per_atom.new_zeros(n_members, graph.n_systems, 9).index_add(1, graph.system_idx, per_atom)
+        out.stress = virial.view(n_members, graph.n_systems, 3, 3) / graph.volume[:, None, None]
+    return out
+
+
+def _chunk_outputs(members, graph: NeighbourGraph, need_grad: bool, hidden: bool, create_graph: bool):
+    """Atomic energies (M, n), dE/dvec (n, E, W, M, 3) or None, last hidden layers (M', n, H) or
+    None, and the ZBL terms of these atoms' pairs (or None)."""
+    first = members[0]
+    desc, n_el, n_members = first.descriptor, len(first.elements), len(members)
+    groups = graph.atoms_by_element(n_el)
+    with torch.enable_grad() if need_grad else torch.no_grad():
+        if desc.angular == "g5":
+            basis = desc.pair_basis(graph.vec)
+            r = basis.r
+            moments = desc.moments(basis)
+            if need_grad:
+                moments_in = moments.expand(n_members, requires_grad=True)
+                feats = desc.features_from_moments(moments_in)
+                per_member = [feats[k] for k in range(n_members)]
+            else:
+                per_member = [desc.features_from_moments(moments)] * n_members
+        else:
+            r = None
+            vec = graph.vec.detach().requires_grad_(need_grad)
+            per_member = [desc.triplet_features(graph.with_vec(vec), include_jk=True)] * n_members
+        outs = [m.atomic_outputs(f, *groups) for m, f in zip(members, per_member)]
+        atomic = torch.stack([o[0] for o in outs])
+        slot_grad = None
+        if need_grad:
+            if desc.angular == "g5":
+                grads = torch.autograd.grad(atomic.sum(), [moments_in.radial, moments_in.angular], create_graph=create_graph)
+                slot_grad = desc.slot_gradients(type(moments_in)(*grads), basis)
+            else:
+                slot_grad = torch.stack([
+                    torch.autograd.grad(atomic[k].sum(), vec, retain_graph=k < n_members - 1, create_graph=create_graph)[0]
+                    for k in range(n_members)
+                ], dim=3)  # (n, E, W, M, 3)
+    hid = None
+    if hidden:
+        # Members of another width (replicas) have incomparable hidden layers: use the first's width.
+        width = outs[0][1].shape[-1]
+        hid = torch.stack([o[1] for o in outs if o[1].shape[-1] == width])
+    zbl = first.zbl_terms(graph, None if r is None else r.detach())
+    return atomic, slot_grad, hid, zbl
