@@ -72,6 +72,7 @@ class SearchConfig:
     method: Literal["random", "active"] = "random"
     max_oracle_calls: int = 20000
     max_candidates: int | None = None
+    max_wall_time_s: float | None = None  # stop starting new candidates after this long (whole run)
     target: str | None = None  # CIF/structure file, relative to the config file
     stop_at_target: bool = True
     top_k: int = 10
@@ -212,10 +213,13 @@ class ActiveConfig:
     stop_cycles: int = 1  # n_cycle: earlier pools compared with the current one
     stop_tol: float = 0.01  # eV/atom
     stop_include_training: bool = False  # clusters for stopping/validation from the search pool only
+    # The stopping rule presumes a pool relaxed close to its minima: it is not applied while more
+    # than this fraction of the search pool stopped relaxing on uncertainty (U > u_max) in the cycle.
+    stop_max_uncertain: float = 0.5
     validate: bool = True  # relax the best structure of each of the stop_k lowest clusters with the oracle
     validate_lowest: int | None = None  # also validate the n lowest pool structures outside them; None = stop_k
     merge_window: float = 0.05  # eV/atom: split a cluster whose low members are distinct structures; 0 = off
-    predict_chunk: int = 512  # structures per ensemble evaluation outside relaxation
+    model_batch: int = 1024  # structures the ensemble relaxes or evaluates together (bounds memory)
     initial_models: str | None = None  # ensemble file trained elsewhere: relaxes the pool before cycle 1
     initial_dataset: str | None = None  # extxyz/ASE db of labelled frames added to every training set
 

@@ -34,7 +34,7 @@ def test_moment_expansion_equals_explicit_triplet_sum(structure):
     model = BPNN(elements)
     graph = model.graph(Batch.from_atoms([atoms]))
     sf = model.descriptor
-    moments = sf.features_from_moments(sf.moments(sf.pair_basis(graph.vec)))
+    moments = sf.features_from_moments(sf.moments(sf.pair_basis(graph.vec, graph.segments)))
     triplets = sf.triplet_features(graph, include_jk=False)
     assert torch.allclose(moments, triplets, rtol=1e-10, atol=1e-10)
     # G4 (with the r_jk terms) is a different, smaller function of the same triplets

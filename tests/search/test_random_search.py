@@ -42,7 +42,7 @@ def _write_config(path, max_candidates):
 
 
 def test_kill_and_resume_repeats_no_work(tmp_path):
-    n = 6
+    n = 10
     reference = run_search(load_config(_write_config(tmp_path / "a.toml", n)), tmp_path / "uninterrupted", progress=False)
     config_file = _write_config(tmp_path / "b.toml", n)
     run_dir = tmp_path / "killed"

@@ -23,7 +23,7 @@ With the default parameters (SIMPLE-NN's, the code of seed 000) there are 8 radi
 angular (3 η × ζ ∈ {1, 2, 4} × λ = ±1) components per element pair: 8·E + 18·E(E+1)/2
 inputs for E elements (26, 70, 132, 212 for 1–4 elements, as in seed 000).
 
-Neighbours are stored as a dense, padded matrix per atom and neighbour element
+Neighbours are stored as a dense, padded matrix per atom, grouped by neighbour element
 (:class:`NeighbourGraph`), so moments and their gradients are batched matrix products.
 """
 
@@ -47,23 +47,32 @@ DEFAULT_LAMBDA = (-1, 1)
 # --------------------------------------------------------------------------- neighbours
 
 
+def _segment_offsets(widths) -> tuple[int, ...]:
+    return tuple(int(x) for x in np.concatenate([[0], np.cumsum(widths)]))
+
+
 @dataclass
 class NeighbourGraph:
-    """Full neighbour lists of a flat batch, as a padded matrix (atom, neighbour element, slot).
+    """Full neighbour lists of a flat batch, as a padded matrix (atom, slot).
 
-    ``vec[i, e, s]`` is r_j - r_i (+ lattice shift) for the s-th neighbour j of element e of
-    atom i; unused slots hold a vector of length 2·cutoff (zero weight) and ``neighbour`` = i.
-    Every pair appears twice (i→j and j→i), which is what per-atom sums need.
+    The slots of every atom are grouped by neighbour element: slots ``segments[e]`` to
+    ``segments[e+1] - 1`` hold the neighbours of element e, each group as wide as the most
+    neighbours of that element any atom has (a per-element width: in Mg-Si-O, few Si
+    neighbours do not cost as many slots as the many O neighbours).  ``vec[i, s]`` is
+    r_j - r_i (+ lattice shift) of the neighbour j in slot s of atom i; unused slots hold a
+    vector of length 2·cutoff (zero weight) and ``neighbour`` = i.  Every pair appears twice
+    (i→j and j→i), which is what per-atom sums need.
     """
 
-    vec: torch.Tensor  # (N, E, W, 3) model dtype
-    neighbour: torch.Tensor  # (N, E, W) int64
+    vec: torch.Tensor  # (N, W, 3) model dtype
+    neighbour: torch.Tensor  # (N, W) int64
     element: torch.Tensor  # (N,) int64 index into the model's elements
     system_idx: torch.Tensor  # (N,) int64
     volume: torch.Tensor  # (S,) Å³, NaN where a structure is not periodic in all directions
     n_systems: int
     cutoff: float
-    n_slots: torch.Tensor | None = None  # (N,) slots in use per atom (most neighbours of one element)
+    segments: tuple[int, ...] = (0,)  # E + 1 slot offsets, one group of slots per neighbour element
+    n_slots: torch.Tensor | None = None  # (N, E) neighbours of each element per atom
 
     @property
     def n_atoms(self) -> int:
@@ -71,22 +80,34 @@ class NeighbourGraph:
 
     @property
     def n_elements(self) -> int:
-        return int(self.vec.shape[1])
+        return len(self.segments) - 1
 
     @property
     def width(self) -> int:
-        return int(self.vec.shape[2])
+        """Slots per atom (all elements together)."""
+        return int(self.vec.shape[1])
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Slots per neighbour element."""
+        return tuple(b - a for a, b in pairwise(self.segments))
+
+    def slot_element(self) -> torch.Tensor:
+        """(W,) int64: the neighbour element each slot holds."""
+        widths = torch.tensor(self.widths, device=self.vec.device)
+        return torch.repeat_interleave(torch.arange(self.n_elements, device=self.vec.device), widths)
 
     def valid(self) -> torch.Tensor:
-        """(N, E, W) bool: slots holding a real neighbour."""
+        """(N, W) bool: slots holding a real neighbour."""
         return torch.linalg.vector_norm(self.vec, dim=-1) < self.cutoff
 
     def atoms_by_element(self, n_elements: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Atom indices grouped by element, and the permutation back to atom order."""
         if n_elements == 1:
             return [slice(None)], None
-        groups = [torch.nonzero(self.element == e).flatten() for e in range(n_elements)]
-        order = torch.cat(groups)
+        order = torch.argsort(self.element, stable=True)
+        counts = torch.bincount(self.element, minlength=n_elements).tolist()
+        groups = list(order.split(counts))
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return groups, inverse
@@ -94,45 +115,52 @@ class NeighbourGraph:
     def atom_slice(self, start: int, stop: int) -> NeighbourGraph:
         """The rows of atoms start..stop-1 (neighbour indices stay global), trimmed to the
         slots these atoms use: one crowded structure does not widen every chunk of a batch."""
-        width = self.width
-        n_slots = None
-        if self.n_slots is not None:
-            n_slots = self.n_slots[start:stop]
-            width = max(1, int(n_slots.max())) if stop > start else 1
-        return NeighbourGraph(
-            self.vec[start:stop, :, :width], self.neighbour[start:stop, :, :width], self.element[start:stop],
-            self.system_idx[start:stop], self.volume, self.n_systems, self.cutoff, n_slots,
+        rows = NeighbourGraph(
+            self.vec[start:stop], self.neighbour[start:stop], self.element[start:stop], self.system_idx[start:stop],
+            self.volume, self.n_systems, self.cutoff, self.segments,
+            None if self.n_slots is None else self.n_slots[start:stop],
         )
+        if rows.n_slots is None or stop <= start:
+            return rows
+        return rows.padded(tuple(int(w) for w in rows.n_slots.max(dim=0).values.tolist()))
 
     def with_vec(self, vec: torch.Tensor) -> NeighbourGraph:
         return NeighbourGraph(vec, self.neighbour, self.element, self.system_idx, self.volume, self.n_systems,
-                              self.cutoff, self.n_slots)
+                              self.cutoff, self.segments, self.n_slots)
 
     def to(self, device=None, dtype=None) -> NeighbourGraph:
         return NeighbourGraph(
             self.vec.to(device=device, dtype=dtype), self.neighbour.to(device), self.element.to(device),
             self.system_idx.to(device), self.volume.to(device=device, dtype=dtype), self.n_systems, self.cutoff,
-            None if self.n_slots is None else self.n_slots.to(device),
+            self.segments, None if self.n_slots is None else self.n_slots.to(device),
         )
 
-    def padded(self, width: int) -> NeighbourGraph:
-        """The same graph with ``width`` slots per (atom, element)."""
-        if width == self.width:
+    def padded(self, widths) -> NeighbourGraph:
+        """The same graph with ``widths[e]`` slots for neighbour element e (an int: for every
+        element); slots are dropped from the end of a group only where no atom uses them."""
+        if isinstance(widths, int):
+            widths = (widths,) * self.n_elements
+        widths = tuple(int(w) for w in widths)
+        if widths == self.widths:
             return self
-        n, e, w = self.neighbour.shape
-        vec = self.vec.new_zeros(n, e, width, 3)
+        n = self.n_atoms
+        segments = _segment_offsets(widths)
+        vec = self.vec.new_zeros(n, segments[-1], 3)
         vec[..., 0] = 2.0 * self.cutoff
-        vec[:, :, :w] = self.vec
-        neighbour = torch.arange(n, device=self.neighbour.device)[:, None, None].expand(n, e, width).clone()
-        neighbour[:, :, :w] = self.neighbour
+        neighbour = torch.arange(n, device=self.neighbour.device)[:, None].expand(n, segments[-1]).clone()
+        for e, (old, new) in enumerate(zip(self.widths, widths)):
+            keep = min(old, new)
+            a, b = self.segments[e], segments[e]
+            vec[:, b:b + keep] = self.vec[:, a:a + keep]
+            neighbour[:, b:b + keep] = self.neighbour[:, a:a + keep]
         return NeighbourGraph(vec, neighbour, self.element, self.system_idx, self.volume, self.n_systems, self.cutoff,
-                              self.n_slots)
+                              segments, self.n_slots)
 
     @staticmethod
     def concat(graphs: list[NeighbourGraph]) -> NeighbourGraph:
-        """One graph of several (indices offset, widths padded to the largest)."""
-        width = max(g.width for g in graphs)
-        graphs = [g.padded(width) for g in graphs]
+        """One graph of several (indices offset, per-element widths padded to the largest)."""
+        widths = tuple(int(w) for w in np.max([g.widths for g in graphs], axis=0))
+        graphs = [g.padded(widths) for g in graphs]
         atom_offsets = np.cumsum([0] + [g.n_atoms for g in graphs[:-1]])
         sys_offsets = np.cumsum([0] + [g.n_systems for g in graphs[:-1]])
         return NeighbourGraph(
@@ -143,6 +171,7 @@ class NeighbourGraph:
             volume=torch.cat([g.volume for g in graphs]),
             n_systems=int(sum(g.n_systems for g in graphs)),
             cutoff=graphs[0].cutoff,
+            segments=graphs[0].segments,
             n_slots=None if any(g.n_slots is None for g in graphs) else torch.cat([g.n_slots for g in graphs]),
         )
 
@@ -156,7 +185,6 @@ def _find_neighbours(positions: np.ndarray, cell: np.ndarray, pbc, cutoff: float
     """
     from pymatgen.optimization.neighbors import find_points_in_spheres
 
-    pbc = np.asarray(pbc, dtype=bool)
     if not pbc.all() and abs(np.linalg.det(cell)) < 1e-8:
         cell = np.eye(3)  # open boundaries: the lattice only sets the search grid, shifts stay 0
     return find_points_in_spheres(positions, positions, float(cutoff), pbc.astype(np.int64), cell, tol=1e-8)
@@ -166,26 +194,28 @@ def neighbour_pairs(positions: np.ndarray, cell: np.ndarray, pbc, cutoff: float)
     """Full neighbour list (i, j, r_j - r_i + lattice shift) of one structure, sorted by i."""
     positions = np.ascontiguousarray(positions, dtype=np.float64)
     cell = np.ascontiguousarray(cell, dtype=np.float64)
-    found = _find_neighbours(positions, cell, pbc, cutoff)
-    i, j, vectors, _ = _clean_pairs(*found, positions, cell[None], np.zeros(len(found[0]), dtype=np.int64), cutoff)
-    return i, j, vectors
+    centre, neighbour, vectors, distances = _pair_vectors(positions, cell, np.asarray(pbc, dtype=bool), cutoff)
+    return _clean_pairs(centre, neighbour, vectors, distances, cutoff)
 
 
-def _clean_pairs(centre, neighbour, images, distances, positions, cells, pair_system, cutoff):
-    """Drop self pairs and pairs at exactly the cutoff, sort by centre, compute pair vectors."""
+def _pair_vectors(positions: np.ndarray, cell: np.ndarray, pbc, cutoff: float):
+    """(centre, neighbour, r_j - r_i + lattice shift, distance) of every pair one search finds."""
+    centre, neighbour, images, distances = _find_neighbours(positions, cell, pbc, cutoff)
+    vectors = images @ cell
+    vectors += np.take(positions, neighbour, axis=0)
+    vectors -= np.take(positions, centre, axis=0)
+    return centre, neighbour, vectors, distances
+
+
+def _clean_pairs(centre, neighbour, vectors, distances, cutoff):
+    """Drop self pairs and pairs at exactly the cutoff, sort by centre."""
     keep = (distances > 1e-8) & (distances < cutoff)
     # np.take/np.compress: several times faster than fancy indexing on these sizes
-    centre, neighbour = np.compress(keep, centre), np.compress(keep, neighbour)
-    images, pair_system = np.compress(keep, images, axis=0), np.compress(keep, pair_system)
+    centre, neighbour, vectors = np.compress(keep, centre), np.compress(keep, neighbour), np.compress(keep, vectors, axis=0)
     if len(centre) > 1 and np.any(centre[1:] < centre[:-1]):
         order = np.argsort(centre, kind="stable")
-        centre, neighbour, images, pair_system = centre[order], neighbour[order], images[order], pair_system[order]
-    vectors = np.take(positions, neighbour, axis=0) - np.take(positions, centre, axis=0)
-    bounds = np.searchsorted(pair_system, np.arange(len(cells) + 1))
-    for s, (a, b) in enumerate(pairwise(bounds)):
-        if b > a:
-            vectors[a:b] += images[a:b] @ cells[s]
-    return centre.astype(np.int64), neighbour.astype(np.int64), vectors, pair_system
+        centre, neighbour, vectors = centre[order], neighbour[order], vectors[order]
+    return centre.astype(np.int64, copy=False), neighbour.astype(np.int64, copy=False), vectors
 
 
 def build_graph(batch, cutoff: float, element_lookup: torch.Tensor, n_elements: int, dtype=torch.float64) -> NeighbourGraph:
@@ -204,24 +234,21 @@ def build_graph(batch, cutoff: float, element_lookup: torch.Tensor, n_elements: 
     element = _element_index(batch.numbers.cpu().numpy(), element_lookup.cpu().numpy())
     starts = np.zeros(n_systems + 1, dtype=np.int64)
     np.cumsum(np.bincount(system_idx, minlength=n_systems), out=starts[1:])
-    found = [_find_neighbours(positions[a:b], cells[s], pbc[s], cutoff) for s, (a, b) in enumerate(pairwise(starts))]
+    # Pair vectors in float64 (differences of large coordinates lose digits in float32).
+    found = [_pair_vectors(positions[a:b], cells[s], pbc[s], cutoff) for s, (a, b) in enumerate(pairwise(starts))]
     if n_systems == 1:
-        centre, neighbour, images, distances = found[0]
-        pair_system = np.zeros(len(centre), dtype=np.int64)
+        centre, neighbour, vectors, distances = found[0]
     elif found:
-        sizes = [len(f[0]) for f in found]
-        offsets = np.repeat(starts[:-1], sizes)
-        pair_system = np.repeat(np.arange(n_systems), sizes)
+        offsets = np.repeat(starts[:-1], [len(f[0]) for f in found])
         centre = np.concatenate([f[0] for f in found]) + offsets
         neighbour = np.concatenate([f[1] for f in found]) + offsets
-        images = np.concatenate([f[2] for f in found])
+        vectors = np.concatenate([f[2] for f in found])
         distances = np.concatenate([f[3] for f in found])
     else:
-        centre = neighbour = pair_system = np.zeros(0, dtype=np.int64)
-        images, distances = np.zeros((0, 3)), np.zeros(0)
-    # Pair vectors in float64 (differences of large coordinates lose digits in float32).
-    i, j, vectors, _ = _clean_pairs(centre, neighbour, images, distances, positions, cells, pair_system, cutoff)
-    vec_pad, neighbour_pad, n_slots = _pad(i, j, vectors, element, n_atoms, n_elements, cutoff)
+        centre = neighbour = np.zeros(0, dtype=np.int64)
+        vectors, distances = np.zeros((0, 3)), np.zeros(0)
+    i, j, vectors = _clean_pairs(centre, neighbour, vectors, distances, cutoff)
+    vec_pad, neighbour_pad, n_slots, segments = _pad(i, j, vectors, element, n_atoms, n_elements, cutoff)
     volume = np.abs(np.linalg.det(cells)) if n_systems else np.zeros(0)
     volume = np.where(pbc.all(axis=1), volume, np.nan) if n_systems else volume
     device = batch.positions.device
@@ -233,6 +260,7 @@ def build_graph(batch, cutoff: float, element_lookup: torch.Tensor, n_elements: 
         volume=torch.from_numpy(volume).to(device=device, dtype=dtype),
         n_systems=n_systems,
         cutoff=float(cutoff),
+        segments=segments,
         n_slots=torch.from_numpy(n_slots).to(device),
     )
 
@@ -254,30 +282,32 @@ def _element_index(numbers: np.ndarray, element_lookup: np.ndarray) -> np.ndarra
 
 
 def _pad(i, j, vectors, element, n_atoms: int, n_elements: int, cutoff: float):
-    """Scatter pairs (sorted by i) into (N, E, W) slots; the slot is the rank within (i, element of j)."""
-    counts = np.bincount(i, minlength=n_atoms)
-    block_start = (np.cumsum(counts) - counts)[i]  # first pair of each pair's centre
+    """Scatter pairs (sorted by i) into (N, W) slots grouped by neighbour element.
+
+    The slot of a pair is its element group's offset plus its rank among the centre's
+    neighbours of that element.  Returns vectors, neighbours, (N, E) counts and the offsets.
+    """
     if n_elements == 1:
         key = i
-        rank = np.arange(len(i)) - block_start
     else:
-        e_j = element[j]
-        key = i * n_elements + e_j
-        rank = np.empty_like(i)
-        for e in range(n_elements):  # rank among the centre's neighbours of element e
-            mask = e_j == e
-            running = np.cumsum(mask)
-            before = np.where(block_start > 0, running[np.maximum(block_start - 1, 0)], 0)
-            rank[mask] = (running - 1 - before)[mask]
-    width = int(rank.max()) + 1 if len(rank) else 1
-    n_slots = np.bincount(key, minlength=n_atoms * n_elements).reshape(n_atoms, n_elements).max(axis=1)
-    flat = key * width + rank
-    vec_pad = np.zeros((n_atoms * n_elements * width, 3))
+        key = i * n_elements + np.take(element, j)
+        if len(key) > 1 and np.any(key[1:] < key[:-1]):
+            order = np.argsort(key, kind="stable")
+            key, j, vectors = key[order], j[order], vectors[order]
+    counts = np.bincount(key, minlength=n_atoms * n_elements)
+    rank = np.arange(len(key)) - np.take(np.cumsum(counts) - counts, key)
+    n_slots = counts.reshape(n_atoms, n_elements)
+    widths = n_slots.max(axis=0) if n_atoms else np.zeros(n_elements, dtype=np.int64)
+    widths = np.maximum(widths, 1)  # an empty group still gets one (padding) slot: shapes stay simple
+    segments = _segment_offsets(widths)
+    width = segments[-1]
+    flat = (key // n_elements) * width + np.take(np.asarray(segments[:-1]), key % n_elements) + rank
+    vec_pad = np.zeros((n_atoms * width, 3))
     vec_pad[:, 0] = 2.0 * cutoff
     vec_pad[flat] = vectors
-    neighbour = np.repeat(np.arange(n_atoms, dtype=np.int64), n_elements * width)
+    neighbour = np.repeat(np.arange(n_atoms, dtype=np.int64), width)
     neighbour[flat] = j
-    return vec_pad.reshape(n_atoms, n_elements, width, 3), neighbour.reshape(n_atoms, n_elements, width), n_slots
+    return vec_pad.reshape(n_atoms, width, 3), neighbour.reshape(n_atoms, width), n_slots, segments
 
 
 # --------------------------------------------------------------------------- monomials
@@ -325,20 +355,34 @@ class PairBasis:
     over contiguous memory and the moments are plain batched matrix products.
     """
 
-    r: torch.Tensor  # (N, E, W)
-    u: torch.Tensor  # (N, E, 3, W) unit vectors
-    w_rad: torch.Tensor  # (N, E, n_rad + n_eta, W): radial G2 weights, then angular weights squared
-    dw_rad: torch.Tensor  # d/dr of w_rad
-    w_ang: torch.Tensor  # (N, E, n_eta, W)
-    dw_ang: torch.Tensor
-    monomials: torch.Tensor  # (N, E, n_mono, W) unscaled u_x^a u_y^b u_z^c
+    r: torch.Tensor  # (N, W)
+    u: torch.Tensor  # (N, 3, W) unit vectors
+    w: torch.Tensor  # (N, n_rad + n_eta, W): radial G2 weights, then angular weights
+    dw: torch.Tensor  # d/dr of w
+    low: torch.Tensor  # (N, n_low, W) unscaled monomials u_x^a u_y^b u_z^c of degree < max ζ
+    high: torch.Tensor  # (N, n_mono - n_low, W) those of degree max ζ
+    segments: tuple[int, ...]  # slot offsets of the neighbour elements
+    n_radial: int
+
+    @property
+    def monomials(self) -> torch.Tensor:
+        """(N, n_mono, W) all monomials (the gradient needs only the contiguous low block)."""
+        return torch.cat([self.low, self.high], dim=1)
+
+    @property
+    def w_ang(self) -> torch.Tensor:
+        return self.w[:, self.n_radial:]
+
+    @property
+    def dw_ang(self) -> torch.Tensor:
+        return self.dw[:, self.n_radial:]
 
 
 @dataclass
 class Moments:
     """Per-atom sums over neighbours of one element; the descriptor is a quadratic form of these."""
 
-    radial: torch.Tensor  # (..., N, E, n_rad + n_eta)
+    radial: torch.Tensor  # (..., N, E, n_rad + n_eta): Σ_j G2 weights, then Σ_j (angular weight)²
     angular: torch.Tensor  # (..., N, E, n_eta, n_mono), scaled monomials
 
     def expand(self, n: int, requires_grad: bool = False) -> Moments:
@@ -347,6 +391,14 @@ class Moments:
             return t.detach().expand(n, *t.shape).clone().requires_grad_(requires_grad)
 
         return Moments(rep(self.radial), rep(self.angular))
+
+
+def _segment_products(left: torch.Tensor, right: torch.Tensor, segments) -> torch.Tensor:
+    """left (n, E, a, b) @ right[..., segment e] (n, b, W_e) for every neighbour element e,
+    concatenated along the slot axis: (n, a, W)."""
+    if len(segments) == 2:
+        return left[:, 0] @ right
+    return torch.cat([left[:, e] @ right[..., lo:hi] for e, (lo, hi) in enumerate(pairwise(segments))], dim=-1)
 
 
 class SymmetryFunctions(nn.Module):
@@ -387,9 +439,19 @@ class SymmetryFunctions(nn.Module):
         exps, degree, scale, derivative = _monomial_tables(self.max_degree)
         self.register_buffer("mono_degree", torch.tensor(degree, dtype=torch.float64))
         self.register_buffer("mono_scale", torch.tensor(scale, dtype=torch.float64))
-        # Gradient operator on the per-atom side: [identity | degree | ∂/∂u_x | ∂/∂u_y | ∂/∂u_z].
+        # Kept in model files (format 1); the gradient below uses the narrower operator after it.
         ops = [torch.eye(len(exps), dtype=torch.float64), torch.diag(torch.tensor(degree, dtype=torch.float64)), *derivative]
         self.register_buffer("gradient_operator", torch.cat(ops, dim=1))
+        # ∂(u_x^a u_y^b u_z^c)/∂u_c in the unscaled monomials of degree < max ζ (the first n_low),
+        # one block of columns per component c: [∂x | ∂y | ∂z].
+        self.n_low_monomials = sum((n + 1) * (n + 2) // 2 for n in range(self.max_degree))
+        unscaled = torch.zeros(len(exps), 3 * self.n_low_monomials, dtype=torch.float64)
+        index = {e: k for k, e in enumerate(exps)}
+        for k, e in enumerate(exps):
+            for c in range(3):
+                if e[c] > 0:
+                    unscaled[k, c * self.n_low_monomials + index[tuple(e[d] - (d == c) for d in range(3))]] = e[c]
+        self.register_buffer("monomial_gradient", unscaled, persistent=False)
         deg_sum = torch.zeros(len(exps), self.max_degree + 1, dtype=torch.float64)
         deg_sum[torch.arange(len(exps)), torch.tensor(degree)] = 1.0  # Σ over monomials of one degree
         self.register_buffer("degree_sum", deg_sum)
@@ -398,6 +460,9 @@ class SymmetryFunctions(nn.Module):
             for n in range(z + 1):
                 lz[n, col] = 2.0 ** (1 - z) * math.comb(z, n) * float(l) ** n  # (1+λc)^ζ = Σ_n C(ζ,n) λ^n c^n
         self.register_buffer("lambda_zeta", lz)
+        # Monomial products straight to (λ, ζ) columns, and what the j = k terms add to each column.
+        self.register_buffer("monomial_lambda_zeta", deg_sum @ lz, persistent=False)
+        self.register_buffer("lambda_zeta_total", lz.sum(0), persistent=False)
 
     # -- sizes and parameters
 
@@ -452,29 +517,50 @@ class SymmetryFunctions(nn.Module):
         """fc = (cos(π r/rc) + 1)/2 and its derivative, both exactly 0 at and beyond rc."""
         x = torch.clamp(r, max=self.cutoff) * (math.pi / self.cutoff)
         fc = 0.5 * (torch.cos(x) + 1.0)  # cos(π) = -1 exactly: fc = 0 at r >= rc
-        dfc = torch.sin(x) * (r < self.cutoff).to(r.dtype) * (-0.5 * math.pi / self.cutoff)
-        return fc, dfc
+        dfc = torch.sin(x) * (-0.5 * math.pi / self.cutoff)  # sin(π) ≈ 1e-16 only matters times fc' = 0 beyond
+        return fc, dfc * (r < self.cutoff).to(r.dtype)
 
-    def pair_basis(self, vec: torch.Tensor) -> PairBasis:
-        """Radial weights, their derivatives and monomials of every neighbour slot of (N, E, W, 3)."""
+    def pair_basis(self, vec: torch.Tensor, segments=None) -> PairBasis:
+        """Radial weights, their derivatives and monomials of every neighbour slot of (N, W, 3)."""
         dtype = vec.dtype
-        components = vec.permute(3, 0, 1, 2).contiguous()  # (3, N, E, W)
+        components = vec.permute(2, 0, 1).contiguous()  # (3, N, W)
         x, y, z = components
         r = torch.sqrt(x * x + y * y + z * z)  # (faster than vector_norm over a leading dim)
         u = components * (1.0 / r)
         fc, dfc = self._cutoff_fn(r)
         # All exponentials at once: radial etas with their shifts, then angular etas (shift 0).
         eta, shift = self.all_eta.to(dtype)[:, None], self.all_shift.to(dtype)[:, None]
-        r_, fc_, dfc_ = r[:, :, None, :], fc[:, :, None, :], dfc[:, :, None, :]
+        r_, fc_, dfc_ = r[:, None, :], fc[:, None, :], dfc[:, None, :]
         dr = r_ - shift
-        gauss = torch.exp(dr * dr * -eta)
+        gauss = torch.exp(dr * dr * -eta)  # (N, K, W)
         w = gauss * fc_
         dw = gauss * (dfc_ - (2.0 * eta) * dr * fc_)
-        nr = self.n_radial
-        w_ang, dw_ang = w[:, :, nr:], dw[:, :, nr:]
-        w_rad = torch.cat([w[:, :, :nr], w_ang * w_ang], dim=2)
-        dw_rad = torch.cat([dw[:, :, :nr], 2.0 * w_ang * dw_ang], dim=2)
-        return PairBasis(r, u.permute(1, 2, 0, 3), w_rad, dw_rad, w_ang, dw_ang, self.monomials(u))
+        segments = (0, vec.shape[1]) if segments is None else tuple(segments)
+        low, high = self._monomial_blocks(u)
+        return PairBasis(r, u.transpose(0, 1), w, dw, low, high, segments, self.n_radial)
+
+    def _monomial_blocks(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Monomials of degree < max ζ and of degree max ζ, each contiguous (N, ·, W), written
+        level by level into preallocated blocks (three products per degree, no copies)."""
+        if u.requires_grad:
+            full = self.monomials(u)
+            return full[:, :self.n_low_monomials], full[:, self.n_low_monomials:]
+        x, y, z = u[0].unsqueeze(-2), u[1].unsqueeze(-2), u[2].unsqueeze(-2)  # (N, 1, W)
+        n_atoms, width = u.shape[1], u.shape[2]
+        low = u.new_empty(n_atoms, self.n_low_monomials, width)
+        high = u.new_empty(n_atoms, self.n_monomials - self.n_low_monomials, width)
+        low[:, 0] = 1.0
+        start, prev = 1, low[:, 0:1]
+        for n in range(1, self.max_degree + 1):
+            block, at = (low, start) if n < self.max_degree else (high, 0)
+            size = (n + 1) * (n + 2) // 2
+            level = block[:, at: at + size]
+            k = prev.shape[1]  # x·(previous level), y·(its last n), z^n
+            torch.mul(x, prev, out=level[:, :k])
+            torch.mul(y, prev[:, -n:], out=level[:, k: k + n])
+            torch.mul(z, prev[:, -1:], out=level[:, k + n:])
+            prev, start = level, start + size
+        return low, high
 
     def monomials(self, u: torch.Tensor) -> torch.Tensor:
         """u_x^a u_y^b u_z^c for all |α| <= max ζ, from u (3, ...) -> (..., n_mono, W).
@@ -482,82 +568,114 @@ class SymmetryFunctions(nn.Module):
         Built from whole contiguous arrays (one multiplication per monomial): far faster than
         gathering powers.  The sqrt-multinomial scale is applied on the per-atom side.
         """
-        x, y, z = u[0], u[1], u[2]
-        level = [torch.ones_like(x)]
-        out = list(level)
-        z_power = level[0]
-        for n in range(1, self.max_degree + 1):
+        x, y, z = u[0].unsqueeze(-2), u[1].unsqueeze(-2), u[2].unsqueeze(-2)  # (..., 1, W)
+        level = torch.ones_like(x)
+        out = [level]
+        z_power = level
+        for n in range(1, self.max_degree + 1):  # one level of degree n from the previous: 3 products
             z_power = z_power * z
-            level = [x * m for m in level] + [y * m for m in level[-n:]] + [z_power]
-            out.extend(level)
-        return torch.stack(out, dim=-2)
+            level = torch.cat([x * level, y * level[..., -n:, :], z_power], dim=-2)
+            out.append(level)
+        return torch.cat(out, dim=-2)
 
     def moments(self, basis: PairBasis) -> Moments:
         """Per-atom, per-neighbour-element sums of the radial weights and weight × monomial."""
-        radial = basis.w_rad.sum(-1)
-        angular = (basis.w_ang @ basis.monomials.transpose(-1, -2)) * self.mono_scale.to(basis.r.dtype)
-        return Moments(radial, angular)
+        nr, segments = basis.n_radial, basis.segments
+        w_ang = basis.w_ang
+        dtype = w_ang.dtype
+        if len(segments) == 2:
+            radial = torch.cat([basis.w[:, :nr].sum(-1), (w_ang * w_ang).sum(-1)], dim=-1)[:, None]
+            angular = torch.cat([w_ang @ basis.low.transpose(-1, -2), w_ang @ basis.high.transpose(-1, -2)], dim=-1)[:, None]
+        else:
+            indicator = _segment_indicator(segments, basis.r.device, dtype)  # (W, E)
+            radial = torch.cat([basis.w[:, :nr] @ indicator, (w_ang * w_ang) @ indicator], dim=1).transpose(1, 2)
+            angular = torch.stack([
+                torch.cat([w_ang[..., lo:hi] @ basis.low[..., lo:hi].transpose(-1, -2),
+                           w_ang[..., lo:hi] @ basis.high[..., lo:hi].transpose(-1, -2)], dim=-1)
+                for lo, hi in pairwise(segments)
+            ], dim=1)
+        return Moments(radial, angular * self.mono_scale.to(dtype))
 
     # -- features
 
-    def _element_pairs(self, n_elements: int, device):
-        key = (n_elements, str(device))
+    def _pair_combination(self, n_elements: int, device, dtype) -> torch.Tensor:
+        """(P, E·E): 1 where ordered element pair (a, b) belongs to unordered pair p."""
+        key = (n_elements, str(device), dtype)
         cached = self._pair_cache.get(key)
         if cached is None:
             pairs = list(combinations_with_replacement(range(n_elements), 2))
-            first = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=device)
-            second = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=device)
-            cached = self._pair_cache[key] = (first, second, (first == second))
+            cached = torch.zeros(len(pairs), n_elements * n_elements, dtype=dtype, device=device)
+            for p, (a, b) in enumerate(pairs):
+                cached[p, a * n_elements + b] = cached[p, b * n_elements + a] = 1.0
+            self._pair_cache[key] = cached
         return cached
 
     def features_from_moments(self, moments: Moments) -> torch.Tensor:
-        """G (..., N, F); differentiable (quadratic in the moments)."""
+        """G (..., N, F); differentiable (quadratic in the moments).
+
+        Angular block of element pair {a, b}: Σ_{j∈a, k∈b} over ordered pairs, i.e.
+        Σ_n λζ-weights · Σ_{|α|=n} (A_a,α A_b,α + A_b,α A_a,α) minus the j = k terms.
+        """
         nr = self.n_radial
         radial = moments.radial[..., :nr].flatten(-2)
-        self_terms = moments.radial[..., nr:]  # Σ_j w_j²: the j = k terms to remove
-        ang = moments.angular
+        self_terms = moments.radial[..., nr:]  # Σ_j w_j²: the j = k terms to remove, (..., E, ne)
+        ang = moments.angular  # (..., E, ne, nm)
         dtype = ang.dtype
         n_el = ang.shape[-3]
-        if n_el == 1:  # one element pair: no gathers
-            t = (ang * ang) @ self.degree_sum.to(dtype) - self_terms[..., None]
-        else:
-            first, second, same = self._element_pairs(n_el, ang.device)
-            products = ang[..., first, :, :] * ang[..., second, :, :]  # (..., pairs, n_eta, n_mono)
-            t = products @ self.degree_sum.to(dtype)  # Σ_{j,k} w_j w_k (u_j·u_k)^n
-            same = same.to(dtype)
-            t = t * (2.0 - same)[:, None, None] - (self_terms[..., first, :] * same[:, None])[..., None]
-        angular = (t @ self.lambda_zeta.to(dtype)).flatten(-3)
-        return torch.cat([radial, angular], dim=-1)
+        to_columns = self.monomial_lambda_zeta.to(dtype)  # (nm, λζ)
+        total = self.lambda_zeta_total.to(dtype)
+        if n_el == 1:  # one element pair: no pair bookkeeping
+            angular = (ang * ang) @ to_columns - self_terms[..., None] * total
+            return torch.cat([radial, angular.flatten(-3)], dim=-1)
+        products = ang[..., :, None, :, :] * ang[..., None, :, :, :]  # (..., E, E, ne, nm)
+        per_ordered_pair = (products @ to_columns).flatten(-4, -3).flatten(-2)  # (..., E·E, ne·λζ)
+        angular = self._pair_combination(n_el, ang.device, dtype) @ per_ordered_pair  # (..., P, ne·λζ)
+        same = torch.tensor([a * (n_el + 1) - a * (a + 1) // 2 for a in range(n_el)], device=ang.device)
+        # j = k terms exist only in same-element pairs: remove them there (P rows of a = b).
+        correction = (self_terms[..., :, :, None] * total).flatten(-2)  # (..., E, ne·λζ)
+        angular = angular.index_add(-2, same, -correction)
+        return torch.cat([radial, angular.flatten(-2)], dim=-1)
 
     def features(self, graph: NeighbourGraph) -> torch.Tensor:
         """G (N, F) of every atom (differentiable with respect to ``graph.vec``)."""
         if self.angular == "g4":
             return self.triplet_features(graph, include_jk=True)
-        return self.features_from_moments(self.moments(self.pair_basis(graph.vec)))
+        return self.features_from_moments(self.moments(self.pair_basis(graph.vec, graph.segments)))
 
     def slot_gradients(self, grad: Moments, basis: PairBasis) -> torch.Tensor:
-        """dE/dvec (N, E, W, M, 3) from dE/d(moments) (M, N, E, ...), analytically.
+        """dE/dvec (N, M, 3, W) from dE/d(moments) (M, N, E, ...), analytically.
 
-        The angular part contracts the per-atom gradient with [Ỹ, |α|Ỹ, ∂Ỹ/∂u] through one
-        batched matrix product per (atom, element) for all M ensemble members at once.
+        With P_η(u) = Σ_α g_ηα Ỹ_α(u) the per-atom polynomial an angular slot feels,
+        d/dvec [w_η(r) P_η(u)] = w_η' P_η u + w_η (∇P_η - u (u·∇P_η)) / r; ∇P_η has degree
+        < max ζ, so it is evaluated on the lower monomials only, and u·∇P_η is the Euler
+        identity for the degree-weighted polynomial.  One batched product per neighbour
+        element evaluates the polynomials of all M ensemble members at once.
         """
-        g_rad, g_ang = grad.radial, grad.angular  # (M, N, E, R), (M, N, E, ne, nm)
+        g_rad, g_ang = grad.radial, grad.angular  # (M, N, E, K), (M, N, E, ne, nm)
         n_members, n_atoms, n_el, n_eta, n_mono = g_ang.shape
-        width = basis.r.shape[-1]
         dtype = g_ang.dtype
-        operator = self.gradient_operator.to(dtype)
-        ops = (g_ang @ operator).view(n_members, n_atoms, n_el, n_eta, 5, n_mono)
-        ops = ops.permute(1, 2, 0, 4, 3, 5) * self.mono_scale.to(dtype)  # (N, E, M, 5, ne, nm)
-        contracted = ops.reshape(n_atoms, n_el, n_members * 5 * n_eta, n_mono) @ basis.monomials
-        contracted = contracted.view(n_atoms, n_el, n_members, 5, n_eta, width)
-        w = basis.w_ang[:, :, None]  # (N, E, 1, ne, W)
-        dw = basis.dw_ang[:, :, None]
-        inv_r = (1.0 / basis.r)[:, :, None]  # (N, E, 1, W)
-        along_r = (contracted[:, :, :, 0] * dw).sum(-2) - (contracted[:, :, :, 1] * w).sum(-2) * inv_r
-        along_r = along_r + g_rad.permute(1, 2, 0, 3) @ basis.dw_rad  # (N, E, M, W)
-        tangential = (contracted[:, :, :, 2:] * w[:, :, :, None]).sum(-2)  # (N, E, M, 3, W)
-        grad_vec = basis.u[:, :, None] * along_r[:, :, :, None] + tangential * inv_r[:, :, :, None]
-        return grad_vec.permute(0, 1, 4, 2, 3).contiguous()  # (N, E, W, M, 3)
+        low = self.n_low_monomials
+        scaled = g_ang * self.mono_scale.to(dtype)  # (M, N, E, ne, nm), contiguous: one plain mm below
+        gradient_coeff = (scaled @ self.monomial_gradient.to(dtype)).permute(1, 2, 0, 3, 4)  # (N, E, M, ne, 3·low)
+        coeff = scaled.permute(1, 2, 0, 3, 4)  # (N, E, M, ne, nm)
+        value = _segment_products(coeff[..., :low].reshape(n_atoms, n_el, -1, low), basis.low, basis.segments)
+        value = value + _segment_products(coeff[..., low:].reshape(n_atoms, n_el, -1, n_mono - low), basis.high,
+                                          basis.segments)
+        slope = _segment_products(gradient_coeff.reshape(n_atoms, n_el, -1, low), basis.low, basis.segments)
+        width = basis.r.shape[-1]
+        value = value.view(n_atoms, n_members, n_eta, width)
+        slope = slope.view(n_atoms, n_members, n_eta, 3, width)
+        w_ang, dw_ang = basis.w_ang, basis.dw_ang
+        along_r = (value * dw_ang[:, None]).sum(2)  # (N, M, W)
+        tangential = (slope * w_ang[:, None, :, None]).sum(2)  # (N, M, 3, W): Σ_η w_η ∇P_η
+        # Radial moments: G2 weights, and the squared angular weights of the j = k terms.
+        nr = basis.n_radial
+        d_radial = torch.cat([basis.dw[:, :nr], 2.0 * w_ang * dw_ang], dim=1)  # (N, K, W)
+        along_r = along_r + _segment_products(g_rad.permute(1, 2, 0, 3), d_radial, basis.segments)
+        u = basis.u[:, None]  # (N, 1, 3, W)
+        inv_r = (1.0 / basis.r)[:, None]  # (N, 1, W)
+        along_r = along_r - (u * tangential).sum(2) * inv_r
+        return u * along_r[:, :, None] + tangential * inv_r[:, :, None]  # (N, M, 3, W)
 
     # -- explicit triplets (G4, and a reference for the moment expansion)
 
@@ -566,16 +684,19 @@ class SymmetryFunctions(nn.Module):
 
         ``include_jk=True`` is Behler's G4; ``False`` gives G5, equal to the moment expansion.
         """
-        n_atoms, n_el, width, _ = graph.vec.shape
+        n_atoms, width, _ = graph.vec.shape
+        n_el = graph.n_elements
         dtype = graph.vec.dtype
-        vec = graph.vec.reshape(n_atoms, n_el * width, 3)
-        r = torch.linalg.vector_norm(vec, dim=-1)
+        vec = graph.vec
+        r = torch.linalg.vector_norm(vec, dim=-1)  # (N, W)
         fc, _ = self._cutoff_fn(r)
         eta, rs = self.radial_eta.to(dtype), self.radial_shift.to(dtype)
-        radial = (torch.exp(-eta * (r[..., None] - rs) ** 2) * fc[..., None]).view(n_atoms, n_el, width, -1).sum(2)
+        per_slot = torch.exp(-eta * (r[..., None] - rs) ** 2) * fc[..., None]  # (N, W, n_rad)
+        indicator = _segment_indicator(graph.segments, r.device, dtype)  # (W, E)
+        radial = (per_slot.transpose(1, 2) @ indicator).transpose(1, 2)  # (N, E, n_rad)
         valid = r < self.cutoff
         pair_mask = valid[:, :, None] & valid[:, None, :]
-        pair_mask &= ~torch.eye(n_el * width, dtype=torch.bool, device=r.device)
+        pair_mask &= ~torch.eye(width, dtype=torch.bool, device=r.device)
         atom, p, q = torch.nonzero(pair_mask, as_tuple=True)
         v_p, v_q = vec[atom, p], vec[atom, q]
         r_p, r_q = r[atom, p], r[atom, q]
@@ -590,10 +711,28 @@ class SymmetryFunctions(nn.Module):
         zl = torch.tensor([(z, l) for z in self.zeta_values for l in self.lambda_values], dtype=dtype, device=r.device)
         angular_part = 2.0 ** (1 - zl[:, 0]) * (1.0 + zl[:, 1] * cos[:, None]) ** zl[:, 0]  # (T, nlz)
         values = (gauss[:, :, None] * angular_part[:, None, :]).flatten(1)
-        e_p, e_q = p // width, q // width
+        slot_element = graph.slot_element()
+        e_p, e_q = slot_element[p], slot_element[q]
         lo, hi = torch.minimum(e_p, e_q), torch.maximum(e_p, e_q)
         pair_index = lo * n_el - lo * (lo - 1) // 2 + (hi - lo)  # order of combinations_with_replacement
         n_pairs = n_el * (n_el + 1) // 2
         angular = values.new_zeros(n_atoms * n_pairs, values.shape[1])
         angular.index_add_(0, atom * n_pairs + pair_index, values)
         return torch.cat([radial.reshape(n_atoms, -1), angular.view(n_atoms, -1)], dim=1)
+
+
+_INDICATORS: dict = {}
+
+
+def _segment_indicator(segments, device, dtype) -> torch.Tensor:
+    """(W, E) one-hot of the neighbour element of each slot (cached: a handful of shapes)."""
+    key = (tuple(segments), str(device), dtype)
+    cached = _INDICATORS.get(key)
+    if cached is None:
+        if len(_INDICATORS) > 256:
+            _INDICATORS.clear()
+        cached = torch.zeros(segments[-1], len(segments) - 1, dtype=dtype, device=device)
+        for e, (lo, hi) in enumerate(pairwise(segments)):
+            cached[lo:hi, e] = 1.0
+        _INDICATORS[key] = cached
+    return cached

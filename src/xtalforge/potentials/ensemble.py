@@ -72,7 +72,8 @@ class Ensemble(nn.Module):
         """
         members = list(self.members)
         graph = members[0].graph(batch)
-        out = evaluate_members(members, graph, forces=True, stress=stress, hidden=features)
+        with torch.no_grad():  # forces come from an inner gradient; no graph to the weights
+            out = evaluate_members(members, graph, forces=True, stress=stress, hidden=features)
         dtype, device = batch.dtype, batch.device
 
         def mean_std(values):
@@ -94,7 +95,8 @@ class Ensemble(nn.Module):
         """Per-atom last-hidden-layer features (N, H), averaged over members (no forces computed)."""
         members = list(self.members)
         graph = members[0].graph(batch)
-        out = evaluate_members(members, graph, forces=False, stress=False, hidden=True)
+        with torch.no_grad():
+            out = evaluate_members(members, graph, forces=False, stress=False, hidden=True)
         return out.hidden.detach().mean(0).to(dtype=batch.dtype, device=batch.device)
 
     def predict_atoms(self, atoms_list, stress: bool = True, features: bool = False, batch_size: int | None = None) -> Prediction:

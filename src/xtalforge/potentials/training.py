@@ -265,8 +265,8 @@ def shortest_distances(data: TrainingSet, n_elements: int) -> torch.Tensor:
     shortest (so that ZBL still guards them)."""
     shortest = torch.full((n_elements * n_elements,), float("inf"), dtype=torch.float64)
     for g in data.graphs:
-        r = torch.linalg.vector_norm(g.vec, dim=-1)  # (N, E, W)
-        pair = (g.element[:, None, None] * n_elements + torch.arange(n_elements)[None, :, None]).expand_as(r)
+        r = torch.linalg.vector_norm(g.vec, dim=-1)  # (N, W)
+        pair = (g.element[:, None] * n_elements + g.slot_element()[None, :]).expand_as(r)
         r = torch.where(r < g.cutoff, r, torch.full_like(r, float("inf")))
         shortest = shortest.scatter_reduce(0, pair.reshape(-1), r.reshape(-1), "amin")
     shortest = shortest.view(n_elements, n_elements)

@@ -58,6 +58,9 @@ def _should_stop(ctx: RunContext, i: int, found: bool) -> bool:
     if cfg.max_candidates is not None and i >= cfg.max_candidates:
         ctx.log.info("stopping: %d candidates done", cfg.max_candidates)
         return True
+    if cfg.max_wall_time_s is not None and ctx.wall_time_s >= cfg.max_wall_time_s:
+        ctx.log.info("stopping: wall-time budget of %g s reached", cfg.max_wall_time_s)
+        return True
     if found and cfg.stop_at_target:
         ctx.log.info("stopping: target structure found")
         return True

@@ -455,7 +455,7 @@ class _SymmetricAttempt:
             crystal = pyxtal()
             crystal.from_random(
                 3,
-                _fast_check_group_class()(spacegroup),
+                _pyxtal_group(spacegroup),
                 self.composition.elements,
                 list(self.counts),
                 factor=self.volume_factor,
@@ -464,6 +464,12 @@ class _SymmetricAttempt:
                 random_state=rng,
             )
         return crystal
+
+
+@lru_cache(maxsize=None)
+def _pyxtal_group(spacegroup: int):
+    """One Group per space group: building it parses every symmetry operation (~0.1 s)."""
+    return _fast_check_group_class()(spacegroup)
 
 
 @lru_cache(maxsize=1)
