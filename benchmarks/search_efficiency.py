@@ -36,21 +36,21 @@ import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REFERENCE_DIR, finish  # noqa: E402
+from _common import REFERENCE_DIR, finish
 
-from xtalforge.config import RunConfig, from_dict, to_dict  # noqa: E402
-from xtalforge.search import run_search  # noqa: E402
+from xtalforge.config import RunConfig, from_dict, to_dict
+from xtalforge.search import run_search
 
 # Seed 004, Table I: pair minimum distances and lattice bounds; targets from MaterialsProject.
 SYSTEMS = {
-    "Si8": dict(composition="Si8", target="Si_diamond_Fd-3m.cif", min_distances={"Si-Si": 1.6}, lattice=(3.0, 15.0)),
-    "Si16": dict(composition="Si16", target="Si_diamond_Fd-3m.cif", min_distances={"Si-Si": 1.6}, lattice=(3.0, 15.0)),
-    "Na8Cl8": dict(composition="Na8Cl8", target="NaCl_rocksalt_Fm-3m.cif",
-                   min_distances={"Na-Na": 2.0, "Cl-Cl": 2.0, "Na-Cl": 1.5}, lattice=(3.0, 15.0)),
-    "Ga8As8": dict(composition="Ga8As8", target="GaAs_zincblende_F-43m.cif",
-                   min_distances={"Ga-Ga": 2.0, "As-As": 2.0, "Ga-As": 1.5}, lattice=(3.0, 15.0)),
-    "Al4O6": dict(composition="Al4O6", target="Al2O3_corundum_R-3c.cif",
-                  min_distances={"Al-Al": 2.0, "O-O": 2.0, "Al-O": 1.5}, lattice=(2.0, 15.0)),
+    "Si8": {"composition": "Si8", "target": "Si_diamond_Fd-3m.cif", "min_distances": {"Si-Si": 1.6}, "lattice": (3.0, 15.0)},
+    "Si16": {"composition": "Si16", "target": "Si_diamond_Fd-3m.cif", "min_distances": {"Si-Si": 1.6}, "lattice": (3.0, 15.0)},
+    "Na8Cl8": {"composition": "Na8Cl8", "target": "NaCl_rocksalt_Fm-3m.cif",
+               "min_distances": {"Na-Na": 2.0, "Cl-Cl": 2.0, "Na-Cl": 1.5}, "lattice": (3.0, 15.0)},
+    "Ga8As8": {"composition": "Ga8As8", "target": "GaAs_zincblende_F-43m.cif",
+               "min_distances": {"Ga-Ga": 2.0, "As-As": 2.0, "Ga-As": 1.5}, "lattice": (3.0, 15.0)},
+    "Al4O6": {"composition": "Al4O6", "target": "Al2O3_corundum_R-3c.cif",
+              "min_distances": {"Al-Al": 2.0, "O-O": 2.0, "Al-O": 1.5}, "lattice": (2.0, 15.0)},
 }
 METHODS = ("random", "active")
 

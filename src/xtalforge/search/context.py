@@ -18,7 +18,7 @@ from ase.io import read
 
 from xtalforge.config import RunConfig, dump_toml
 from xtalforge.errors import CheckpointError, ConfigError
-from xtalforge.oracles import Oracle, build_oracle
+from xtalforge.oracles import Oracle, build_executor, build_oracle
 from xtalforge.store import RunStore, open_log
 from xtalforge.structures.composition import Composition
 from xtalforge.structures.constraints import Constraints
@@ -65,7 +65,7 @@ def open_run(config: RunConfig, run_dir: str | Path, *, oracle: Oracle | None = 
         run_dir=run_dir,
         composition=composition,
         constraints=Constraints.from_config(composition, config.structures),
-        oracle=oracle or build_oracle(config.oracle),
+        oracle=oracle or build_oracle(config.oracle, build_executor(config.oracle.executor, progress=progress)),
         store=store,
         log=open_log(run_dir),
         target=_load_target(config),

@@ -6,13 +6,17 @@ from pathlib import Path
 from typing import Callable
 
 from xtalforge.config import RunConfig
+from xtalforge.search.active import run_active_search
 from xtalforge.search.context import RunContext, open_run
 from xtalforge.search.outcome import SearchOutcome
 from xtalforge.search.random_search import run_random_search
 from xtalforge.similarity import Deduplicator
 from xtalforge.store import build_summary, write_summary
 
-SEARCH_METHODS: dict[str, Callable[[RunContext], SearchOutcome]] = {"random": run_random_search}
+SEARCH_METHODS: dict[str, Callable[[RunContext], SearchOutcome]] = {
+    "random": run_random_search,
+    "active": run_active_search,
+}
 
 
 def run_search(config: RunConfig, run_dir: str | Path, *, progress: bool = True, oracle=None) -> dict:

@@ -1,0 +1,59 @@
+"""Which pool structures the active search validates with the oracle (seed 004 II.G, III.B)."""
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.io import read
+
+from xtalforge.config import RunConfig, from_dict
+from xtalforge.search.active import validation_tasks
+from xtalforge.search.pools import SEARCH, TRAINING, Pool
+
+
+class _Ctx:
+    def __init__(self, **active):
+        self.config = from_dict(RunConfig, {"composition": "Si8", "active": active})
+
+
+@pytest.fixture
+def pool(reference_dir):
+    diamond = read(reference_dir / "Si_diamond_Fd-3m.cif")
+    rattled = diamond.copy()
+    rattled.rattle(0.01, seed=1)
+    rotated = diamond.copy()
+    rotated.set_cell(diamond.cell[[1, 2, 0]] * 1.02, scale_atoms=False)
+    rotated.positions = diamond.positions[:, [1, 2, 0]] * 1.02
+    lonsdaleite = read(reference_dir / "Si_lonsdaleite_P63mmc.cif").repeat((1, 1, 2))
+    beta_tin = read(reference_dir / "Si_beta-tin_I41amd.cif").repeat((1, 1, 2))
+    simple_cubic = bulk("Si", "sc", a=2.5).repeat(2)
+    training_low = diamond.copy()
+    training_low.rattle(0.2, seed=2)
+    atoms = [diamond, rattled, rotated, lonsdaleite, beta_tin, simple_cubic, training_low]
+    n = len(atoms)
+    return Pool(
+        atoms=atoms, origin=np.array([SEARCH] * 6 + [TRAINING]), candidate=np.arange(n),
+        initial_spacegroup=np.zeros(n, int), status=np.full(n, "converged", dtype="U16"), n_steps=np.zeros(n, int),
+        energy_per_atom=np.array([-4.33, -4.32, -4.31, -4.30, -4.20, -4.25, -4.50]),
+        max_force=np.zeros(n), uncertainty=np.zeros(n), cluster=np.array([0, 0, 1, 0, 2, -1, 3]),
+    )
+
+
+def test_distinct_clusters_merged_members_and_outsiders(pool):
+    tasks = validation_tasks(_Ctx(stop_k=2, validate_lowest=6), pool)
+    assert [(t.key, t.reason) for t in tasks] == [
+        (0, "cluster"),  # lowest cluster
+        (3, "merged cluster"),  # lonsdaleite hides in the diamond cluster
+        (5, "outside clusters"),  # low noise point
+        (4, "cluster"),  # cluster 1 is diamond again: the next distinct cluster is taken instead
+    ]
+    assert tasks[0].predicted_energy_per_atom == pytest.approx(-4.33) and tasks[0].info["cluster_rank"] == 1
+    assert all(t.key != 6 for t in tasks)  # the training pool is not searched by default
+
+
+def test_options_change_what_is_validated(pool):
+    assert [t.key for t in validation_tasks(_Ctx(stop_k=1, merge_window=0.0), pool)] == [0]
+    assert [t.key for t in validation_tasks(_Ctx(stop_k=1, merge_window=0.0, validate_lowest=5), pool)] == [0, 5]
+    # Ten minima asked for, four distinct ones in the pool: each validated once.
+    assert sorted(t.key for t in validation_tasks(_Ctx(stop_k=10), pool)) == [0, 3, 4, 5]
+    with_training = validation_tasks(_Ctx(stop_k=1, merge_window=0.0, stop_include_training=True), pool)
+    assert [t.key for t in with_training] == [6]
