@@ -94,6 +94,24 @@ def test_train_and_evaluate_commands(tmp_path, frames, capsys):
     text = capsys.readouterr().out
     assert "RMSE" in text and "Pearson r" in text and plot.is_file()
 
+    large = tmp_path / "large.extxyz"
+    write(large, [relabel_supercell(frames[0])])
+    assert run_cli(["evaluate", str(model), str(data), "--no-plot", "--scale-up", str(large), "--json"]) == 0
+    scale = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["scale_up"]
+    assert scale["large"]["n_atoms"] == [8 * len(frames[0])]
+    assert scale["energy_rmse_mev_atom_ratio"] > 0
+
+
+def relabel_supercell(atoms):
+    """A 2x2x2 supercell with Stillinger-Weber labels (a larger cell of the same material)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    big = atoms.copy() * (2, 2, 2)
+    big.calc = sw_calculator()
+    labels = dict(energy=big.get_potential_energy(), forces=big.get_forces(), stress=big.get_stress())
+    big.calc = SinglePointCalculator(big, **labels)
+    return big
+
 
 def test_train_from_an_ase_database(tmp_path, frames, capsys):
     from ase.db import connect

@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--plot", help="parity plot PNG (default: <model>_parity.png next to the model)")
     p.add_argument("--no-plot", action="store_true", help="do not write a parity plot")
+    p.add_argument("--scale-up", metavar="LARGE",
+                   help="labelled frames of larger cells: errors on them beside DATA's (seed 003 section 3.3.1)")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -76,7 +78,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from xtalforge.potentials.checkpoint import load
     from xtalforge.potentials.data import read_frames
-    from xtalforge.potentials.evaluation import evaluate
+    from xtalforge.potentials.evaluation import evaluate, scale_up_report
 
     calculator = load(args.model)
     frames = read_frames(args.data)
@@ -84,6 +86,8 @@ def cmd_evaluate(args) -> int:
     result = evaluate(calculator, frames, plot=plot)
     if plot is not None:
         result["parity_plot"] = str(plot)
+    if args.scale_up:
+        result["scale_up"] = scale_up_report(calculator, frames, read_frames(args.scale_up))
     if args.json:
         print(json.dumps(result))
         return 0
@@ -97,9 +101,20 @@ def cmd_evaluate(args) -> int:
     for name, unit, rmse, mae in rows:
         print(f"{name:8s} {_fmt(rmse, '10.4g')} {_fmt(mae, '10.4g')}  {unit}")
     print(f"Pearson r (energy per atom): {_fmt(result['energy_pearson_r'], '.4f')}")
+    if args.scale_up:
+        _print_scale_up(result["scale_up"])
     if plot is not None:
         print(f"parity plot: {plot}")
     return 0
+
+
+def _print_scale_up(report: dict) -> None:
+    small, large = report["small"], report["large"]
+    print(f"scale-up: {small['n_atoms']} atoms -> {large['n_atoms']} atoms")
+    for key, unit in (("energy_rmse_mev_atom", "meV/atom"), ("force_rmse_ev_a", "eV/Å")):
+        ratio = report.get(f"{key}_ratio")
+        print(f"  {key:22s} {_fmt(small.get(key), '10.4g')} -> {_fmt(large.get(key), '10.4g')} {unit}"
+              + (f"  (x{ratio:.2f})" if ratio is not None else ""))
 
 
 def _fmt(value, spec: str) -> str:
