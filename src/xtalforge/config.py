@@ -248,15 +248,20 @@ class RunConfig:
         return p if p.is_absolute() else (self.base_dir / p)
 
 
-def load_config(path: str | Path) -> RunConfig:
+def read_toml(path: str | Path) -> dict:
+    """The table in a TOML file; a missing or malformed file is a one-line ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found: pass the path of a TOML file")
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML ({exc})") from None
-    config = from_dict(RunConfig, data)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    config = from_dict(RunConfig, read_toml(path))
     config.base_dir = path.resolve().parent
     return config
 

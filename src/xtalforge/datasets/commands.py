@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
 from pathlib import Path
 
-from xtalforge.errors import ConfigError, XtalforgeError
+from xtalforge.errors import XtalforgeError
 
 
 def register(subparsers) -> None:
@@ -25,29 +23,11 @@ def register(subparsers) -> None:
 
 
 def load_dataset_config(path: str | Path):
-    """The run config plus its [meltquench] and [onthefly] sections.
+    """The run config and its [meltquench] and [onthefly] sections."""
+    from xtalforge.config import load_config
 
-    Works whether or not RunConfig already has fields for these sections.
-    """
-    from xtalforge.config import MeltQuenchConfig, OnTheFlyConfig, RunConfig, from_dict, load_config
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found: pass the path of a TOML file")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
-    run_fields = {f.name for f in dataclasses.fields(RunConfig)}
-    own = {key: data.pop(key, {}) for key in ("meltquench", "onthefly") if key not in run_fields}
-    if own:
-        config = from_dict(RunConfig, data)
-        config.base_dir = path.resolve().parent
-    else:
-        config = load_config(path)
-    meltquench = getattr(config, "meltquench", None) or from_dict(MeltQuenchConfig, own.get("meltquench", {}), "meltquench")
-    onthefly = getattr(config, "onthefly", None) or from_dict(OnTheFlyConfig, own.get("onthefly", {}), "onthefly")
-    return config, meltquench, onthefly
+    config = load_config(path)
+    return config, config.meltquench, config.onthefly
 
 
 # -- meltquench ---------------------------------------------------------------------

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from xtalforge.errors import ConfigError, XtalforgeError
+from xtalforge.errors import XtalforgeError
 
 
 def register(subparsers) -> None:
@@ -39,19 +39,12 @@ def register(subparsers) -> None:
 
 def load_potential_config(path):
     """PotentialConfig from a TOML file: its [potential] table, or the whole file."""
-    import tomllib
 
-    from xtalforge.config import PotentialConfig, from_dict
+    from xtalforge.config import PotentialConfig, from_dict, read_toml
 
     if path is None:
         return PotentialConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found: pass the path of a TOML file")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    data = read_toml(path)
     if "potential" in data:
         return from_dict(PotentialConfig, data["potential"], "potential")
     return from_dict(PotentialConfig, data, "potential")

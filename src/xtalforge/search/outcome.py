@@ -4,7 +4,39 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xtalforge.store import RunStore
+from xtalforge.store import RunStore, StructureRecord
+
+
+def relaxation_record(ctx, result, *, candidate: int, method: str, stage: str, calls_start: int,
+                      operator: str | None, generation: int | None = None, spacegroup_info=None,
+                      extra: dict | None = None) -> StructureRecord:
+    """The store record of one oracle relaxation (``result`` is a ``RelaxResult``).
+
+    ``calls_start`` is ``ctx.oracle.calls`` before the relaxation began, so the record
+    carries exactly the oracle calls spent on it; failed relaxations keep no energies.
+    """
+    ok = result.status != "failed"
+    sg = spacegroup_info if ok else None
+    return StructureRecord(
+        candidate=candidate,
+        status="ok" if ok else "failed",
+        method=method,
+        stage=stage,
+        generation=generation,
+        energy_per_atom=result.energy_per_atom if ok else None,
+        enthalpy_per_atom=result.enthalpy_per_atom if ok else None,
+        oracle_calls=ctx.oracle.calls - calls_start,
+        oracle_calls_total=ctx.oracle_calls,
+        spacegroup_number=sg.number if sg else None,
+        spacegroup_symbol=sg.symbol if sg else None,
+        relax_status=result.status,
+        error=None if ok else result.reason,
+        seed=ctx.config.seed,
+        operator=operator,
+        initial=result.initial,
+        relaxed=result.atoms,
+        extra=extra or {},
+    )
 
 
 @dataclass

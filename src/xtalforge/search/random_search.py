@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from xtalforge.dynamics import relax_structure
 from xtalforge.search.context import RunContext
-from xtalforge.search.outcome import SearchOutcome, target_status
+from xtalforge.search.outcome import SearchOutcome, relaxation_record, target_status
 from xtalforge.similarity import matches, spacegroup
 from xtalforge.store import StructureRecord
 from xtalforge.structures.generate import candidate_rng, generate_structure
@@ -83,24 +83,9 @@ def _relax_candidate(ctx: RunContext, i: int) -> StructureRecord:
     sg = spacegroup(result.atoms) if ok else None
     if not ok:
         ctx.log.info("candidate %d failed: %s", i, result.reason)
-    return StructureRecord(
-        candidate=i,
-        status="ok" if ok else "failed",
-        method=METHOD,
-        stage="search",
-        generation=None,
-        energy_per_atom=result.energy_per_atom if ok else None,
-        enthalpy_per_atom=result.enthalpy_per_atom if ok else None,
-        oracle_calls=ctx.oracle.calls - calls_start,
-        oracle_calls_total=ctx.oracle_calls,
-        spacegroup_number=sg.number if sg else None,
-        spacegroup_symbol=sg.symbol if sg else None,
-        relax_status=result.status,
-        error=result.reason if not ok else None,
-        seed=cfg.seed,
+    return relaxation_record(
+        ctx, result, candidate=i, method=METHOD, stage="search", calls_start=calls_start, spacegroup_info=sg,
         operator=f"{cfg.structures.mode}:sg{atoms.info.get('spacegroup', 1)}",
-        initial=result.initial,
-        relaxed=result.atoms,
     )
 
 

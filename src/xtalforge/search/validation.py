@@ -17,6 +17,7 @@ from ase import Atoms
 from tqdm.auto import tqdm
 
 from xtalforge.search.context import RunContext
+from xtalforge.search.outcome import relaxation_record
 from xtalforge.store import StructureRecord
 
 STAGE = "validation"
@@ -104,25 +105,9 @@ def validate_one(ctx: RunContext, task: ValidationTask, *, method: str, generati
         task.key, task.reason, _fmt(task.predicted_energy_per_atom), _fmt(result.energy_per_atom), result.n_steps,
         sg.label if sg else result.reason, " — matches the target" if extra.get("matches_target") else "",
     )
-    return StructureRecord(
-        candidate=task.key,
-        status="ok" if ok else "failed",
-        method=method,
-        stage=STAGE,
-        generation=generation,
-        energy_per_atom=result.energy_per_atom if ok else None,
-        enthalpy_per_atom=result.enthalpy_per_atom if ok else None,
-        oracle_calls=ctx.oracle.calls - calls_start,
-        oracle_calls_total=ctx.oracle_calls,
-        spacegroup_number=sg.number if sg else None,
-        spacegroup_symbol=sg.symbol if sg else None,
-        relax_status=result.status,
-        error=result.reason if not ok else None,
-        seed=cfg.seed,
-        operator=task.reason,
-        initial=result.initial,
-        relaxed=result.atoms,
-        extra=extra,
+    return relaxation_record(
+        ctx, result, candidate=task.key, method=method, stage=STAGE, generation=generation,
+        calls_start=calls_start, operator=task.reason, spacegroup_info=sg, extra=extra,
     )
 
 
