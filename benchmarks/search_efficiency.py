@@ -15,8 +15,15 @@ oracle calls (aim 300), never more than symmetric random search, and at least 10
 times fewer wherever random search needs more than 3,000 calls.
 
     python benchmarks/search_efficiency.py                           # full: 4 systems x 3 seeds x 2 modes, sevennet
-    python benchmarks/search_efficiency.py --systems Si8 --oracle sw --seeds 0 --modes symmetric \\
-        --set active.training_pool_size=200 --set active.per_spacegroup=10
+    python benchmarks/search_efficiency.py --systems Si8,Si16 --oracle sw --seeds 0 --modes symmetric \\
+        --active-budget 3000 --set active.per_spacegroup=2 --set active.training_pool_size=200 \\
+        --set active.batch_size=30 --set active.max_cycles=10 --set potential.n_models=3 \\
+        --set potential.hidden_layers=[15,15] --set potential.epochs=300 --set potential.patience=100
+
+Cut-down runs must not cut training short: with potential.epochs=100, patience=25 the
+models stopped at the epoch cap (test force RMSE 2.5 eV/Å on random Si8 after 30 labels,
+1.9 eV/Å with 300+ epochs) and the reduced Si8 run missed diamond (446 calls); with
+epochs=300, patience=100 it validated diamond first after 308 calls (2026-11-24).
 
 ``--set section.key=value`` (repeatable, TOML values) overrides any config key of the
 active run (``active.*``, ``potential.*``, ``relax.*``, ...); ``--random-budget`` and
