@@ -29,7 +29,8 @@ class FlakyCalculator(Calculator):
         if self.sleep:
             import time
 
-            time.sleep(self.sleep)
+            for _ in range(int(self.sleep / 0.01)):  # Python-level waiting, as an SCF loop would be
+                time.sleep(0.01)
         energy = np.nan if self.mode == "nan" else -1.0 * len(self.atoms)
         self.results = {"energy": energy, "forces": np.zeros((len(self.atoms), 3)), "stress": np.zeros(6)}
 

@@ -9,10 +9,7 @@ and go on.
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,13 +18,18 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress
 
+from xtalforge.timeouts import time_limit
+
 
 class OracleCallError(RuntimeError):
     """A single point of the oracle failed; the message says why."""
 
 
 class OracleTimeout(OracleCallError):
-    pass
+    """A single point ran past its time limit."""
+
+    def __init__(self, message: str = "single point ran past its time limit"):
+        super().__init__(message)
 
 
 @dataclass
@@ -66,7 +68,7 @@ class CountingCalculator(Calculator):
         self.stats.calls += 1
         start = time.perf_counter()
         try:
-            with _time_limit(self.timeout_s):
+            with time_limit(self.timeout_s, OracleTimeout):
                 self.results = _evaluate(self.inner, self.atoms, want_stress=self.atoms.cell.rank == 3)
         except Exception as exc:
             self.results = {}
@@ -98,25 +100,6 @@ def _describe(exc: BaseException) -> str:
     if "Convergence" in name or "converge" in str(exc).lower():
         return f"SCF did not converge ({name}: {exc})"
     return f"{name}: {exc}".strip().splitlines()[0][:300]
-
-
-@contextmanager
-def _time_limit(seconds: float | None):
-    """Raise OracleTimeout after ``seconds`` (main thread only; elsewhere no limit)."""
-    if not seconds or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(signum, frame):
-        raise OracleTimeout(f"single point exceeded the {seconds:g} s time limit")
-
-    previous = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass

@@ -9,13 +9,9 @@ unchanged: the same seed gives the same structure unless a time limit fires.
 
 from __future__ import annotations
 
-import ctypes
-import signal
 import sys
-import threading
 import warnings
 from collections import Counter
-from contextlib import contextmanager
 from functools import cache, lru_cache
 from itertools import product
 
@@ -28,6 +24,7 @@ from vesin import ase_neighbor_list
 from xtalforge.errors import ConfigError, ConstraintError
 from xtalforge.structures.composition import Composition
 from xtalforge.structures.constraints import Constraints, as_composition, atomic_volume
+from xtalforge.timeouts import time_limit as run_time_limit
 
 MODES = ("symmetric", "random")
 ANGLE_RANGE_DEG = (60.0, 120.0)  # cell angles of fully random structures
@@ -163,74 +160,9 @@ def _count_compatible(counts: tuple[int, ...]) -> tuple[int, ...]:
 # -- time limit for one PyXtal call ------------------------------------------------------
 
 
-@contextmanager
 def time_limit(seconds: float | None):
-    """Raise PyxtalTimeout in the calling thread when the block runs longer than ``seconds``.
-
-    On the main thread with no interval timer armed, SIGALRM (which also interrupts
-    blocking calls); elsewhere a timer thread that raises the exception in this thread
-    asynchronously (CPython's PyThreadState_SetAsyncExc), delivered at the next
-    Python bytecode. Neither interrupts one long C call, which PyXtal does not make.
-    """
-    if seconds is None or seconds <= 0:
-        yield
-        return
-    on_main = threading.current_thread() is threading.main_thread()
-    if (
-        on_main
-        and hasattr(signal, "setitimer")
-        and signal.getitimer(signal.ITIMER_REAL)[0] == 0
-    ):
-        with _alarm_limit(seconds):
-            yield
-    else:
-        with _async_limit(seconds):
-            yield
-
-
-@contextmanager
-def _alarm_limit(seconds: float):
-    state = {"active": True}
-
-    def on_alarm(signum, frame):
-        if state["active"]:  # an alarm landing after the block ended is ignored
-            raise PyxtalTimeout(f"ran past {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        state["active"] = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-@contextmanager
-def _async_limit(seconds: float):
-    thread_id = ctypes.c_ulong(threading.get_ident())
-    lock = threading.Lock()
-    state = {"active": True, "fired": False}
-
-    def fire():
-        with lock:
-            if state["active"]:
-                state["fired"] = True
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    thread_id, ctypes.py_object(PyxtalTimeout)
-                )
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-        with lock:
-            state["active"] = False
-            if state["fired"]:  # clear an exception set but not yet delivered
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(thread_id, None)
+    """Raise PyxtalTimeout in the calling thread when the block runs longer than ``seconds``."""
+    return run_time_limit(seconds, PyxtalTimeout)
 
 
 # -- generation -----------------------------------------------------------------------
