@@ -3,7 +3,8 @@
 E = Σ_i [e_ref(Z_i) + NN_{Z_i}(W_{Z_i} (G_i - μ_{Z_i}))] + E_ZBL (seed 000 II.B, seed 003 sec. 2).
 
 Forces and stress come from one gradient of the network energies with respect to the
-per-atom moments A of the descriptor (autograd through the small per-atom part), which
+per-atom moments A of the descriptor (written out by hand for prediction, autograd when
+training needs gradients to the weights), which
 :meth:`SymmetryFunctions.slot_gradients` turns into dE/d(pair vector) analytically; forces
 and the virial are then sums over pairs.  This equals autograd with respect to positions
 and a strain (SchNetPack's ``response.py``) but lets all ensemble members share one pass
@@ -250,13 +251,45 @@ class StackedNetworks:
             layers.append((torch.stack([n.output.weight for n in nets]).transpose(1, 2), out_bias[:, None]))
             self.layers.append(layers)
 
-    def __call__(self, features: torch.Tensor, element: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Atomic energies (M, n) and last hidden layers (M, n, H) of features (M, n, F)."""
+    def __call__(self, features: torch.Tensor, element: int, gradient: bool = False):
+        """Atomic energies (M, n) and last hidden layers (M, n, H) of features (M, n, F), and
+        with ``gradient`` dE_i/dG_i (M, n, F) by hand (backpropagation through the layers
+        without autograd's bookkeeping, which costs more than the arithmetic at these sizes)."""
         *hidden, (w_out, b_out) = self.layers[element]
         h = features - self.means[element]
+        slopes = []
         for w, b in hidden:
-            h = self.activation(torch.baddbmm(b, h, w))
-        return torch.baddbmm(b_out, h, w_out).squeeze(-1), h
+            if gradient:
+                h, slope = _activation_with_slope(self.activation, torch.baddbmm(b, h, w))
+                slopes.append(slope)
+            else:
+                h = self.activation(torch.baddbmm(b, h, w))
+        energy = torch.baddbmm(b_out, h, w_out).squeeze(-1)
+        if not gradient:
+            return energy, h
+        grad = w_out.transpose(1, 2)  # (M, 1, H): dE/dh of the last hidden layer, the same for every atom
+        for (w, _), slope in zip(reversed(hidden), reversed(slopes)):
+            grad = torch.bmm(slope * grad, w.transpose(1, 2))
+        return energy, h, grad.expand(-1, features.shape[1], -1)
+
+
+def _activation_with_slope(activation: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """activation(x) and its derivative, each from the cheapest quantity at hand."""
+    if isinstance(activation, nn.SiLU):
+        sigmoid = torch.sigmoid(x)
+        out = x * sigmoid
+        return out, torch.addcmul(sigmoid + out, out, sigmoid, value=-1.0)  # σ + x σ (1 - σ)
+    if isinstance(activation, nn.Tanh):
+        out = torch.tanh(x)
+        return out, torch.addcmul(torch.ones_like(out), out, out, value=-1.0)
+    if isinstance(activation, nn.Sigmoid):
+        out = torch.sigmoid(x)
+        return out, out - out * out
+    if isinstance(activation, nn.Softplus):
+        out = activation(x)
+        beta, threshold = activation.beta, activation.threshold
+        return out, torch.where(x * beta > threshold, 1.0, torch.sigmoid(x * beta))
+    raise TypeError(f"no derivative for activation {type(activation).__name__}")
 
 
 def _parameter_key(members) -> tuple:
@@ -368,25 +401,26 @@ def evaluate_members(
     return out
 
 
-def _network_outputs(stacks, features: torch.Tensor, groups, inverse, n_members: int):
-    """Atomic energies (M, n) and last hidden layers (per member, (n, H)) of features
-    (M, n, F), or (n, F) shared by all members."""
+def _network_outputs(stacks, features: torch.Tensor, groups, inverse, n_members: int, gradient: bool = False):
+    """Atomic energies (M, n), last hidden layers (per member, (n, H)) and, with ``gradient``,
+    dE/dG (M, n, F) of features (M, n, F), or (n, F) shared by all members."""
     shared = features.dim() == 2
-    energies, hiddens = [None] * n_members, [None] * n_members
+    energies, hiddens, grads = [None] * n_members, [None] * n_members, [None] * n_members
     for idx, stack in stacks:
         if shared:
             x = features.expand(len(idx), *features.shape)
         else:
             x = features if len(idx) == n_members else features[idx]
         if inverse is None:
-            e, h = stack(x, 0)
+            outputs = stack(x, 0, gradient)
         else:
-            parts = [stack(x.index_select(1, atoms), el) for el, atoms in enumerate(groups)]
-            e = torch.cat([p[0] for p in parts], dim=1).index_select(1, inverse)
-            h = torch.cat([p[1] for p in parts], dim=1).index_select(1, inverse)
+            parts = [stack(x.index_select(1, atoms), el, gradient) for el, atoms in enumerate(groups)]
+            outputs = [torch.cat(p, dim=1).index_select(1, inverse) for p in zip(*parts)]
         for k, member in enumerate(idx):
-            energies[member], hiddens[member] = e[k], h[k]
-    return torch.stack(energies), hiddens
+            energies[member], hiddens[member] = outputs[0][k], outputs[1][k]
+            if gradient:
+                grads[member] = outputs[2][k]
+    return torch.stack(energies), hiddens, (torch.stack(grads) if gradient else None)
 
 
 def _chunk_outputs(members, stacks, graph: NeighbourGraph, need_grad: bool, hidden: bool, create_graph: bool):
@@ -395,31 +429,43 @@ def _chunk_outputs(members, stacks, graph: NeighbourGraph, need_grad: bool, hidd
     first = members[0]
     desc, n_el, n_members = first.descriptor, len(first.elements), len(members)
     groups, inverse = graph.atoms_by_element(n_el)
-    with torch.enable_grad() if need_grad else torch.no_grad():
-        if desc.angular == "g5":
-            basis = desc.pair_basis(graph.vec, graph.segments)
-            r = basis.r
-            moments = desc.moments(basis)
-            if need_grad:
-                moments_in = moments.expand(n_members, requires_grad=True)
-                feats = desc.features_from_moments(moments_in)
-            else:
-                feats = desc.features_from_moments(moments)
-        else:
-            r = None
-            vec = graph.vec.detach().requires_grad_(need_grad)
-            feats = desc.triplet_features(graph.with_vec(vec), include_jk=True)
-        atomic, hiddens = _network_outputs(stacks, feats, groups, inverse, n_members)
-        slot_grad = None
-        if need_grad:
+    if desc.angular == "g5" and not (torch.is_grad_enabled() or create_graph):
+        # Prediction: dE/d(moments) by hand, through the stacked networks and the quadratic
+        # features; no autograd graph at all.
+        basis = desc.pair_basis(graph.vec, graph.segments)
+        r = basis.r
+        moments = desc.moments(basis)
+        feats = desc.features_from_moments(moments)
+        atomic, hiddens, feature_grad = _network_outputs(stacks, feats, groups, inverse, n_members, gradient=need_grad)
+        slot_grad = desc.slot_gradients(desc.moment_gradients(moments, feature_grad), basis) if need_grad else None
+    else:
+        with torch.enable_grad() if need_grad else torch.no_grad():
             if desc.angular == "g5":
-                grads = torch.autograd.grad(atomic.sum(), [moments_in.radial, moments_in.angular], create_graph=create_graph)
-                slot_grad = desc.slot_gradients(type(moments_in)(*grads), basis)
+                basis = desc.pair_basis(graph.vec, graph.segments)
+                r = basis.r
+                moments = desc.moments(basis)
+                if need_grad:
+                    moments_in = moments.expand(n_members, requires_grad=True)
+                    feats = desc.features_from_moments(moments_in)
+                else:
+                    feats = desc.features_from_moments(moments)
             else:
-                slot_grad = torch.stack([
-                    torch.autograd.grad(atomic[k].sum(), vec, retain_graph=k < n_members - 1, create_graph=create_graph)[0]
-                    for k in range(n_members)
-                ], dim=1).transpose(2, 3)  # (n, M, 3, W)
+                r = None
+                vec = graph.vec.detach().requires_grad_(need_grad)
+                feats = desc.triplet_features(graph.with_vec(vec), include_jk=True)
+            atomic, hiddens, _ = _network_outputs(stacks, feats, groups, inverse, n_members)
+            slot_grad = None
+            if need_grad:
+                if desc.angular == "g5":
+                    grads = torch.autograd.grad(atomic.sum(), [moments_in.radial, moments_in.angular],
+                                                create_graph=create_graph)
+                    slot_grad = desc.slot_gradients(type(moments_in)(*grads), basis)
+                else:
+                    slot_grad = torch.stack([
+                        torch.autograd.grad(atomic[k].sum(), vec, retain_graph=k < n_members - 1,
+                                            create_graph=create_graph)[0]
+                        for k in range(n_members)
+                    ], dim=1).transpose(2, 3)  # (n, M, 3, W)
     hid = None
     if hidden:
         # Members of another width (replicas) have incomparable hidden layers: use the first's width.
