@@ -209,6 +209,9 @@ class ActiveConfig:
     dbscan_eps: float = 0.5  # on standardised mean-pooled features
     dbscan_min_samples: int = 2
     u_max: float = 0.5  # stop relaxing a pool structure when U (eq. 5) passes this
+    # U = max σ_f / max(max |f̄|, floor): None = relax.fmax (eq. 5 except at vanishing forces); a
+    # larger floor makes the bound absolute (σ_f <= u_max × floor) for structures with small forces.
+    u_force_floor: float | None = None  # eV/Å
     stop_k: int = 3  # lowest clusters tracked by the stopping rule and validated
     stop_cycles: int = 1  # n_cycle: earlier pools compared with the current one
     stop_tol: float = 0.01  # eV/atom

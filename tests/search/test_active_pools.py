@@ -174,3 +174,40 @@ def test_relaxation_stops_on_uncertainty_and_skips_failed_structures():
     again = relax_pool(LJModel(uncertainty=0.1), settled, PoolRelaxSettings(fmax=0.01, smax_gpa=0.5, max_steps=7, u_max=None),
                        progress=False)
     assert again.n_steps[0] == 14  # steps add up over cycles
+
+
+class SpreadLJModel(LJModel):
+    """LJ forces with a fixed absolute spread σ_f on every force component."""
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        self.sigma = sigma
+
+    def predict(self, batch, stress=True, features=False):
+        pred = super().predict(batch, stress=stress, features=features)
+        pred.forces_std = torch.full_like(pred.forces, self.sigma / np.sqrt(3.0))  # |σ_f| = sigma per atom
+        return pred
+
+
+def test_uncertainty_force_floor_bounds_the_spread_near_minima():
+    from xtalforge.search.pools import FlooredUncertainty
+    from xtalforge.structures.batch import Batch
+
+    structures = _random_structures(2, seed=5)
+    relaxed = relax_pool(LJModel(), _pool(structures), PoolRelaxSettings(fmax=0.01, smax_gpa=0.5, max_steps=300, u_max=None),
+                         progress=False)
+    batch = Batch.from_atoms(relaxed.atoms)
+    model = SpreadLJModel(sigma=0.1)
+    max_force = torch.as_tensor(relaxed.max_force)
+    relative = FlooredUncertainty(model, 0.01).predict(batch).uncertainty
+    assert torch.allclose(relative, 0.1 / max_force.clamp(min=0.01), rtol=1e-6)  # eq. 5 above the floor
+    floored = FlooredUncertainty(model, 1.0).predict(batch).uncertainty
+    assert torch.allclose(floored, torch.full_like(floored, 0.1), rtol=1e-6)  # σ_f / floor at small forces
+    # In a pool relaxation the floor decides whether a structure near its minimum may go on.
+    pool = _pool(structures)
+    strict = relax_pool(model, pool, PoolRelaxSettings(fmax=0.01, smax_gpa=0.5, max_steps=300, u_max=0.5), progress=False)
+    lenient = relax_pool(model, pool, PoolRelaxSettings(fmax=0.01, smax_gpa=0.5, max_steps=300, u_max=0.5, u_force_floor=1.0),
+                         progress=False)
+    assert "uncertain" in strict.status.tolist()
+    assert "uncertain" not in lenient.status.tolist()
+    assert (lenient.energy_per_atom <= strict.energy_per_atom + 1e-9).all()

@@ -295,7 +295,8 @@ def build_pool(ctx: RunContext) -> Pool:
 def _relax_settings(ctx: RunContext) -> PoolRelaxSettings:
     r = ctx.config.relax
     return PoolRelaxSettings(fmax=r.fmax, smax_gpa=r.smax_gpa, max_steps=r.max_steps, patience=r.patience,
-                             u_max=active_config(ctx).u_max, pressure_gpa=ctx.config.pressure_gpa)
+                             u_max=active_config(ctx).u_max, pressure_gpa=ctx.config.pressure_gpa,
+                             u_force_floor=active_config(ctx).u_force_floor)
 
 
 # ---------------------------------------------------------------- selection and labels

@@ -368,6 +368,7 @@ class PoolRelaxSettings:
     patience: int = 20
     u_max: float | None = 0.5
     pressure_gpa: float = 0.0
+    u_force_floor: float | None = None  # eV/Å; None = fmax
 
 
 def relax_pool(
@@ -391,7 +392,8 @@ def relax_pool(
 
     out = pool.copy()
     usable = np.flatnonzero(pool.usable)
-    model = FlooredUncertainty(model, settings.fmax)
+    floor = settings.fmax if settings.u_force_floor is None else max(settings.u_force_floor, settings.fmax)
+    model = FlooredUncertainty(model, floor)
     for start in range(0, len(usable), chunk):
         index = usable[start:start + chunk]
         results = batched_relax(
