@@ -186,6 +186,10 @@ class OnTheFlyConfig:
     bootstrap_steps: int = 100  # oracle-driven MD steps at the start; their frames train the first ensemble
     bootstrap_stride: int = 2  # keep every this-many-th bootstrap step as a training frame
     retrain_every: int = 10  # retrain the ensemble after this many new oracle frames
+    # ... and only once the training set has grown by this fraction since the last training:
+    # 0 retrains every retrain_every frames; 0.5 keeps the total retraining cost to about three
+    # trainings on the final set however many frames are labelled.
+    retrain_growth: float = 0.0
     n_models: int = 3  # ensemble size
 
 

@@ -123,3 +123,18 @@ def test_a_plain_run_is_not_resumed_on_the_fly(plain):
     with pytest.raises(CheckpointError, match="holds a plain run, not on-the-fly"):
         run_meltquench(Composition.parse("Si"), from_dict(MeltQuenchConfig, TINY), oracle, plain.out_dir, seed=1,
                        labeller=labeller(oracle))
+
+
+def test_retraining_waits_for_growth_of_the_set():
+    oracle = build_oracle(OracleConfig(name="sw"))
+    settings = from_dict(OnTheFlyConfig, {**ONTHEFLY, "retrain_every": 8, "retrain_growth": 0.5})
+    lab = OnTheFlyLabeller(oracle, settings)
+    lab.training = [None] * 40  # contents unused: only the counts decide
+    lab.counters["new_since_training"] = 8  # trained last on 32 frames: 8 new is only 25 % growth
+    assert not lab.retrain_due()
+    lab.training = [None] * 48
+    lab.counters["new_since_training"] = 16  # 16 of 32: 50 %
+    assert lab.retrain_due()
+    lab.settings = from_dict(OnTheFlyConfig, {**ONTHEFLY, "retrain_every": 8})  # growth 0: every 8 new frames
+    lab.counters["new_since_training"] = 8
+    assert lab.retrain_due()

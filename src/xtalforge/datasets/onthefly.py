@@ -6,7 +6,8 @@ trained on them. (2) The ensemble then drives the MD. (3) Every frame interval
 (20 fs, as in the plain protocol) the current frame is a *candidate*: when the
 ensemble's relative force uncertainty U (seed 004 eq. 5) is above
 ``uncertainty_threshold`` the oracle labels it and it joins the training set; after
-``retrain_every`` new frames the ensemble is retrained on all of them. A step whose U
+``retrain_every`` new frames (and, with ``retrain_growth``, growth of the set by that
+fraction) the ensemble is retrained on all of them. A step whose U
 exceeds ``max_uncertainty`` (or is not finite) is driven by the oracle instead, so a
 lost ensemble cannot wreck the trajectory; that label is kept too. (4) The protocol's
 own schedule ends the run.
@@ -140,9 +141,15 @@ class OnTheFlyLabeller:
         frame.info["temperature_K"] = round(segment.temperature_at(step), 3)
         self.training.append(frame)
         self.counters["new_since_training"] += 1
-        if retrain and self.counters["new_since_training"] >= self.settings.retrain_every:
+        if retrain and self.retrain_due():
             self.retrain()
         return frame
+
+    def retrain_due(self) -> bool:
+        """``retrain_every`` new frames, and growth by ``retrain_growth`` of the set trained last."""
+        new = self.counters["new_since_training"]
+        trained_on = len(self.training) - new
+        return new >= max(self.settings.retrain_every, self.settings.retrain_growth * trained_on)
 
     def retrain(self) -> None:
         from xtalforge.potentials import train_ensemble
