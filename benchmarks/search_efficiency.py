@@ -133,6 +133,33 @@ def one_run(config: RunConfig, workdir: Path, label: str) -> dict:
     return out
 
 
+def run_jobs(jobs: list, workdir: Path, parallel: int) -> list[dict]:
+    """Every (row, config, label) job; rows come back in job order, each printed when done."""
+    if parallel <= 1:
+        rows = []
+        for row, config, label in jobs:
+            rows.append({**row, **one_run(config, workdir, label)})
+            print(_line(rows[-1]), flush=True)
+        return rows
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+    with ProcessPoolExecutor(parallel, mp_context=context, initializer=_one_thread) as pool:
+        futures = [pool.submit(one_run, config, workdir, label) for _, config, label in jobs]
+        rows = []
+        for (row, _, _), future in zip(jobs, futures):
+            rows.append({**row, **future.result()})
+            print(_line(rows[-1]), flush=True)
+    return rows
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def goals(rows: list[dict]) -> dict:
     """Check the issue's goals per system from the runs of all seeds."""
     verdict = {}
@@ -169,6 +196,8 @@ def main() -> None:
                         help="config override for the active runs (repeatable)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep run directories here (default: a temporary one)")
     parser.add_argument("--name", default="search_efficiency", help="results/NAME.json")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="runs at a time, each in its own process with one torch thread (default 1)")
     args = parser.parse_args()
     overrides = parse_overrides(args.overrides)
     systems = args.systems.split(",")
@@ -176,20 +205,19 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown system {unknown[0]!r}: choose from {', '.join(SYSTEMS)}")
 
+    jobs = []
+    for system in systems:
+        for mode in args.modes.split(","):
+            for seed in map(int, args.seeds.split(",")):
+                base = base_config(system, seed, mode, args.oracle, REFERENCE_DIR)
+                for method in args.methods.split(","):
+                    budget = args.active_budget if method == "active" else args.random_budget
+                    config = method_config(base, method, budget, mode, overrides)
+                    row = {"system": system, "mode": mode, "seed": seed, "method": method, "budget": budget}
+                    jobs.append((row, config, f"{system}_{mode}_{method}_s{seed}"))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
-        rows = []
-        for system in systems:
-            for mode in args.modes.split(","):
-                for seed in map(int, args.seeds.split(",")):
-                    base = base_config(system, seed, mode, args.oracle, REFERENCE_DIR)
-                    for method in args.methods.split(","):
-                        budget = args.active_budget if method == "active" else args.random_budget
-                        config = method_config(base, method, budget, mode, overrides)
-                        result = one_run(config, workdir, f"{system}_{mode}_{method}_s{seed}")
-                        row = {"system": system, "mode": mode, "seed": seed, "method": method, "budget": budget, **result}
-                        rows.append(row)
-                        print(_line(row), flush=True)
+        rows = run_jobs(jobs, workdir, args.parallel)
     print()
     print(f"{'system':8s} {'mode':9s} {'method':7s} {'found':6s} {'calls to target (per seed)':28s} {'calls total':14s}")
     for key in sorted({(r["system"], r["mode"], r["method"]) for r in rows}):
