@@ -13,6 +13,7 @@ over the pairs, which is where the time goes.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -439,7 +440,8 @@ def _chunk_outputs(members, stacks, graph: NeighbourGraph, need_grad: bool, hidd
         atomic, hiddens, feature_grad = _network_outputs(stacks, feats, groups, inverse, n_members, gradient=need_grad)
         slot_grad = desc.slot_gradients(desc.moment_gradients(moments, feature_grad), basis) if need_grad else None
     else:
-        with torch.enable_grad() if need_grad else torch.no_grad():
+        # Energies only: keep the caller's mode (training on energies needs their graph to the weights).
+        with torch.enable_grad() if need_grad else nullcontext():
             if desc.angular == "g5":
                 basis = desc.pair_basis(graph.vec, graph.segments)
                 r = basis.r
@@ -462,7 +464,8 @@ def _chunk_outputs(members, stacks, graph: NeighbourGraph, need_grad: bool, hidd
                     slot_grad = desc.slot_gradients(type(moments_in)(*grads), basis)
                 else:
                     slot_grad = torch.stack([
-                        torch.autograd.grad(atomic[k].sum(), vec, retain_graph=k < n_members - 1,
+                        # training (create_graph) backpropagates through this graph once more
+                        torch.autograd.grad(atomic[k].sum(), vec, retain_graph=create_graph or k < n_members - 1,
                                             create_graph=create_graph)[0]
                         for k in range(n_members)
                     ], dim=1).transpose(2, 3)  # (n, M, 3, W)

@@ -11,6 +11,12 @@ Order of work (seed 000 II.B, seed 003 secs. 3.2–3.4 and 5, seed 004 V.A):
 6. per model: its own 10 % validation split and initialisation, Adam on minibatches with
    loss = Σ weight × MSE/target² + L2, learning-rate decay on plateaus, early stopping,
    and a stop as soon as all validation RMSEs are below their targets.
+
+The symmetry functions and their derivatives do not depend on the weights: they are computed
+once per training (:class:`DescriptorCache`), and the members of an ensemble take their steps
+together, each on its own minibatch, in one stacked pass (each keeps its own optimiser state,
+schedule and early stopping).  Training sets too large for the cache recompute the descriptor
+every step, one member after the other; both give the same training.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -32,7 +39,7 @@ from xtalforge.errors import XtalforgeError
 from xtalforge.potentials.data import frame_labels
 from xtalforge.potentials.descriptors import NeighbourGraph, SymmetryFunctions
 from xtalforge.potentials.ensemble import Ensemble
-from xtalforge.potentials.model import BPNN, evaluate_members
+from xtalforge.potentials.model import BPNN, _activation_with_slope, evaluate_members
 from xtalforge.structures.batch import Batch
 
 EV_A3_TO_KBAR = 1602.1766208  # 1 eV/Å³ = 160.2 GPa
@@ -84,13 +91,12 @@ def train_ensemble(
     log = log or (lambda message: None)
     started = time.perf_counter()
     template, data = prepare(frames, config, seed=seed, log=log)
+    cache = descriptor_cache(template, data, config, log)
     if config.ensemble == "replica":
-        members = _train_replica_ensemble(template, data, config, n_models, seed, progress, log)
+        members = _train_replica_ensemble(template, data, config, n_models, seed, progress, log, cache)
     else:
-        members = [
-            _train_member(template, data, config, seed, k, progress, log, label=f"model {k + 1}/{n_models}")
-            for k in range(n_models)
-        ]
+        labels = [f"model {k + 1}/{n_models}" for k in range(n_models)]
+        members = _train_members(template, data, config, seed, list(range(n_models)), progress, log, labels, cache)
     ensemble = Ensemble(members, config=to_dict(config))
     ensemble.metrics["train_time_s"] = time.perf_counter() - started
     log(_summary(ensemble.metrics, "ensemble"))
@@ -109,7 +115,8 @@ def train_model(
     config = config or PotentialConfig()
     log = log or (lambda message: None)
     template, data = prepare(frames, config, seed=seed, log=log)
-    return _train_member(template, data, config, seed, 0, progress, log, label="model")
+    cache = descriptor_cache(template, data, config, log)
+    return _train_members(template, data, config, seed, [0], progress, log, ["model"], cache)[0]
 
 
 def prepare(frames: list[Atoms], config: PotentialConfig, *, seed: int = 0, log=lambda m: None) -> tuple[BPNN, TrainingSet]:
@@ -382,14 +389,18 @@ def validation_metrics(model, data: TrainingSet, idx, config: PotentialConfig, c
         with torch.no_grad():
             terms = _loss_terms(model, batch, create_graph=False)
         totals += np.array([float(t) for t in terms])
-    sq_e, n_e, sq_f, n_f, sq_s, n_s = totals
-    metrics = {
+    return _metrics(totals, config)
+
+
+def _metrics(totals, config: PotentialConfig) -> dict:
+    """RMSEs and validation loss from the summed squared errors and counts (6 numbers)."""
+    sq_e, n_e, sq_f, n_f, sq_s, n_s = (float(t) for t in totals)
+    return {
         "energy_rmse_mev_atom": 1000.0 * math.sqrt(sq_e / max(n_e, 1.0)),
         "force_rmse_ev_a": math.sqrt(sq_f / n_f) if n_f else None,
         "stress_rmse_kbar": EV_A3_TO_KBAR * math.sqrt(sq_s / n_s) if n_s else None,
-        "val_loss": float(_combine(config, *[torch.tensor(t) for t in totals])),
+        "val_loss": float(_combine(config, *[torch.tensor(float(t)) for t in totals])),
     }
-    return metrics
 
 
 def _targets_met(metrics: dict, config: PotentialConfig) -> bool:
@@ -406,7 +417,42 @@ def _l2(model: BPNN) -> torch.Tensor:
     return sum((p * p).sum() for name, p in model.named_parameters() if name.endswith("weight"))
 
 
+def _train_members(template, data, config, seed, indices, progress, log, labels, cache) -> list[BPNN]:
+    """Members ``indices`` (own initialisation and split each), all in one pass per minibatch
+    on the descriptor cache, or one after the other with the descriptor recomputed."""
+    if cache is None:
+        return [_train_member(template, data, config, seed, k, progress, log, label) for k, label in zip(indices, labels)]
+    models = [_member_from_template(template, config, seed, k) for k in indices]
+    splits = [_split(len(data), config.val_fraction, seed, k) for k in indices]
+    runs = [_MemberRun(model, train, config, seed, k, label, log)
+            for model, (train, _), k, label in zip(models, splits, indices, labels)]
+    monitors = [val if len(val) else train for train, val in splits]
+    bar = tqdm(range(config.epochs), desc=f"training {len(runs)} model(s)", leave=False,
+               disable=not progress or not sys.stderr.isatty())
+    for epoch in bar:
+        active = [k for k, run in enumerate(runs) if run.running]
+        if not active:
+            break
+        started = time.perf_counter()
+        _cached_epoch([runs[k] for k in active], cache, config)
+        totals = _cached_totals([models[k] for k in active], cache, [monitors[k] for k in active])
+        share = (time.perf_counter() - started) / len(active)  # each member's share of the epoch's time
+        for k, member_totals in zip(active, totals):
+            runs[k].end_epoch(epoch, _metrics(member_totals, config), share)
+        bar.set_postfix(active=len(active))
+    bar.close()
+    for model, run, (train, val), monitor, label in zip(models, runs, splits, monitors, labels):
+        run.finish()
+        metrics = validation_metrics(model, data, monitor, config)
+        metrics.update(model.metrics)
+        metrics.update(n_train=len(train), n_val=len(val), n_outliers=data.n_outliers, n_unlabelled=data.n_unlabelled)
+        model.metrics = metrics
+        log(_summary(metrics, label))
+    return models
+
+
 def _train_member(template, data, config, seed, index, progress, log, label="model", hidden_layers=None) -> BPNN:
+    """One member with the descriptor recomputed every step (when the cache would be too large)."""
     model = _member_from_template(template, config, seed, index, hidden_layers)
     train_idx, val_idx = _split(len(data), config.val_fraction, seed, index)
     monitor_idx = val_idx if len(val_idx) else train_idx
@@ -431,50 +477,458 @@ def _train_member(template, data, config, seed, index, progress, log, label="mod
     return model
 
 
+class _MemberRun:
+    """One member's optimisation state: Adam, plateau LR decay, early stopping, best weights.
+
+    Members trained together each keep their own; a member that stops receives no more updates.
+    """
+
+    def __init__(self, model: BPNN, train_idx, config: PotentialConfig, seed: int, index: int, label: str, log=None):
+        self.model, self.train_idx, self.config, self.label, self.log = model, train_idx, config, label, log
+        self.rng = np.random.default_rng([seed, index, 2])
+        # foreach: one kernel per step for all parameters (the default on CPU loops over them)
+        self.optimizer = torch.optim.Adam(model.networks.parameters(), lr=config.lr, foreach=True)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, factor=config.lr_decay, patience=config.lr_patience, min_lr=config.min_lr)
+        self.best = (math.inf, copy.deepcopy(model.networks.state_dict()), 0)
+        self.stop_reason, self.epochs, self.time_s = None, 0, 0.0
+
+    @property
+    def running(self) -> bool:
+        return self.stop_reason is None
+
+    def batches(self) -> list[np.ndarray]:
+        """This epoch's minibatches (frame indices) of the member's own training split."""
+        order = self.rng.permutation(self.train_idx)
+        return [order[start: start + self.config.batch_size] for start in range(0, len(order), self.config.batch_size)]
+
+    def end_epoch(self, epoch: int, metrics: dict, time_s: float) -> None:
+        config = self.config
+        self.epochs, self.time_s = epoch + 1, self.time_s + time_s
+        self.scheduler.step(metrics["val_loss"])
+        if metrics["val_loss"] < self.best[0]:
+            self.best = (metrics["val_loss"], copy.deepcopy(self.model.networks.state_dict()), epoch)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.log is not None and (epoch + 1) % max(1, config.epochs // 10) == 0:
+            self.log(_summary(metrics, f"{self.label} epoch {epoch + 1}, lr {lr:.2g}"))
+        if config.stop_at_targets and _targets_met(metrics, config):
+            self.stop_reason = "targets"
+        elif epoch - self.best[2] >= config.patience:
+            self.stop_reason = "early_stopping"
+        elif config.max_time_s is not None and self.time_s > config.max_time_s:
+            self.stop_reason = "time_limit"
+        elif lr <= config.min_lr * (1 + 1e-9) and epoch - self.best[2] >= config.lr_patience:
+            self.stop_reason = "converged"
+
+    def finish(self) -> None:
+        """Restore the best weights (unless the targets were met) and record how training went."""
+        self.stop_reason = self.stop_reason or "max_epochs"
+        if self.stop_reason != "targets":
+            self.model.networks.load_state_dict(self.best[1])
+        self.model.metrics = {"epochs": self.epochs, "best_epoch": self.best[2] + 1, "stop_reason": self.stop_reason,
+                              "train_time_s": self.time_s}
+
+
 def _fit(model, train_idx, config, seed, index, make_batch, step, evaluate, progress, label, log=None) -> None:
     """Adam with minibatches, plateau LR decay, early stopping; restores the best weights."""
-    rng = np.random.default_rng([seed, index, 2])
-    optimizer = torch.optim.Adam(model.networks.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, factor=config.lr_decay, patience=config.lr_patience, min_lr=config.min_lr)
-    started = time.perf_counter()
-    best = (math.inf, copy.deepcopy(model.networks.state_dict()), 0)
-    stop_reason, epoch = "max_epochs", 0
+    run = _MemberRun(model, train_idx, config, seed, index, label, log)
     bar = tqdm(range(config.epochs), desc=f"training {label}", leave=False,
                disable=not progress or not sys.stderr.isatty())
     for epoch in bar:
+        started = time.perf_counter()
         model.train()
-        order = rng.permutation(train_idx)
-        for start in range(0, len(order), config.batch_size):
-            loss = step(make_batch(order[start: start + config.batch_size])) + config.l2 * _l2(model)
-            optimizer.zero_grad(set_to_none=True)
+        for idx in run.batches():
+            loss = step(make_batch(idx)) + config.l2 * _l2(model)
+            run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            run.optimizer.step()
         model.eval()
         metrics = evaluate()
-        scheduler.step(metrics["val_loss"])
-        if metrics["val_loss"] < best[0]:
-            best = (metrics["val_loss"], copy.deepcopy(model.networks.state_dict()), epoch)
         bar.set_postfix({k.split("_")[0]: f"{v:.3g}" for k, v in metrics.items() if v is not None and k != "val_loss"})
-        if log is not None and (epoch + 1) % max(1, config.epochs // 10) == 0:
-            log(_summary(metrics, f"{label} epoch {epoch + 1}, lr {optimizer.param_groups[0]['lr']:.2g}"))
-        if config.stop_at_targets and _targets_met(metrics, config):
-            stop_reason = "targets"
-            break
-        if epoch - best[2] >= config.patience:
-            stop_reason = "early_stopping"
-            break
-        if config.max_time_s is not None and time.perf_counter() - started > config.max_time_s:
-            stop_reason = "time_limit"
-            break
-        if optimizer.param_groups[0]["lr"] <= config.min_lr * (1 + 1e-9) and epoch - best[2] >= config.lr_patience:
-            stop_reason = "converged"
+        run.end_epoch(epoch, metrics, time.perf_counter() - started)
+        if not run.running:
             break
     bar.close()
-    if stop_reason != "targets":
-        model.networks.load_state_dict(best[1])
-    model.metrics = {"epochs": epoch + 1, "best_epoch": best[2] + 1, "stop_reason": stop_reason,
-                     "train_time_s": time.perf_counter() - started}
+    run.finish()
+
+# --------------------------------------------------------------------------- descriptor cache
+
+# Largest descriptor cache built (bytes); above it training recomputes the descriptor every step.
+CACHE_LIMIT_BYTES = 1.5e9
+# Numbers in the largest per-chunk arrays while building the cache, and in one validation gather.
+_CHUNK_NUMBERS = 1_000_000
+
+
+@dataclass
+class DescriptorCache:
+    """The weight-independent part of the loss of every training frame, computed once.
+
+    A network sees atom i only through its whitened symmetry functions X_i (the first
+    ``n_inputs`` columns: PCA puts dropped directions last), so with g_i = dNN/dX_i the
+    energy is Σ_i NN(X_i), the force F_k = Σ_i g_i · R_ik with R_ik = -dX_i/dr_k over the
+    partners k of atom i (its neighbours and itself), and the stress σ = Σ_i g_i · V_i with
+    V_i = (1/V) Σ_slots vec ⊗ dX_i/dvec.  With X, R and V stored, a training step is the
+    networks, their input gradients and two small contractions, and no pass over neighbours.
+    Reference energies and ZBL do not depend on the weights: they are subtracted from the labels.
+    The last row is a padding atom (zero features and response, its own partner).
+    """
+
+    features: torch.Tensor  # (A + 1, K) whitened symmetry functions, model dtype
+    response: torch.Tensor  # (A + 1, K, 3P + 9): R to the P partners as (P, 3), then V as (3, 3)
+    partners: np.ndarray  # (A + 1, P) int64 partner rows (padding: the atom itself, zero response)
+    element: np.ndarray  # (A + 1,) int64
+    frame_start: np.ndarray  # (F + 1,) first row of every frame
+    energy: torch.Tensor  # (F,) eV: label - reference energies - ZBL
+    n_atoms: torch.Tensor  # (F,)
+    forces: torch.Tensor  # (A + 1, 3) eV/Å: label - ZBL
+    force_weight: torch.Tensor  # (A + 1,) 1 where labelled (× GDF weight), else 0
+    stress: torch.Tensor  # (F, 9) eV/Å³: label - ZBL
+    has_stress: torch.Tensor  # (F,) bool
+    n_elements: int
+
+    @property
+    def padding(self) -> int:
+        return self.features.shape[0] - 1
+
+    @property
+    def n_partners(self) -> int:
+        return self.partners.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.features, self.response, self.energy, self.n_atoms, self.forces, self.force_weight,
+                   self.stress, self.has_stress]
+        return sum(t.numel() * t.element_size() for t in tensors) + self.partners.nbytes + self.element.nbytes
+
+
+def descriptor_cache(template: BPNN, data: TrainingSet, config: PotentialConfig, log=lambda m: None) -> DescriptorCache | None:
+    """The cache of ``data`` for members of ``template`` (None when it would exceed CACHE_LIMIT_BYTES)."""
+    dtype, device = getattr(torch, config.dtype), torch.device(config.device)
+    n_inputs = _whitened_width(template)
+    n_partners = max(_partner_count(g) for g in data.graphs)
+    n_atoms = int(data.n_atoms.sum())
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    per_atom = n_inputs * (3 * n_partners + 10) * itemsize + 8 * (n_partners + 1) + 5 * itemsize
+    if per_atom * n_atoms > CACHE_LIMIT_BYTES:
+        log(f"descriptor cache would take {per_atom * n_atoms / 1e9:.2f} GB (limit {CACHE_LIMIT_BYTES / 1e9:.2g} GB): "
+            "the descriptor is recomputed every training step")
+        return None
+    started = time.perf_counter()
+    frame_start = np.concatenate([[0], np.cumsum([g.n_atoms for g in data.graphs])]).astype(np.int64)
+    features, response, partners, zbl = _response_arrays(template, data, frame_start, n_inputs, n_partners, dtype)
+    zbl_energy, zbl_forces, zbl_virial = zbl
+    n_frames, sizes = len(data), torch.as_tensor(np.diff(frame_start))
+    element = torch.cat([g.element for g in data.graphs]).cpu()
+    reference = torch.zeros(n_frames, dtype=torch.float64).index_add_(
+        0, torch.repeat_interleave(torch.arange(n_frames), sizes), template.reference_energies.cpu()[element])
+    weight = torch.repeat_interleave(data.has_forces.to(torch.float64), sizes)
+    if data.atom_weights is not None:
+        weight = weight * torch.cat(data.atom_weights)
+    periodic = torch.stack([torch.isfinite(g.volume).all() for g in data.graphs]).cpu()
+    pad = torch.zeros(1, dtype=torch.float64)
+    cache = DescriptorCache(
+        features=features.to(device), response=response.to(device), partners=partners,
+        element=np.append(element.numpy(), 0), frame_start=frame_start,
+        energy=(data.energy - reference - zbl_energy).to(device=device, dtype=dtype),
+        n_atoms=data.n_atoms.to(device=device, dtype=dtype),
+        forces=(torch.cat([*data.forces, pad.new_zeros(1, 3)]) - zbl_forces).to(device=device, dtype=dtype),
+        force_weight=torch.cat([weight, pad]).to(device=device, dtype=dtype),
+        stress=(data.stress.reshape(n_frames, 9) - zbl_virial).to(device=device, dtype=dtype),
+        has_stress=(data.has_stress & periodic).to(device),
+        n_elements=len(template.elements),
+    )
+    log(f"descriptor cache: {cache.nbytes / 1e6:.0f} MB ({cache.nbytes / n_atoms / 1e3:.1f} kB per atom, "
+        f"{n_inputs} inputs, {n_partners} partners), built in {time.perf_counter() - started:.1f} s")
+    return cache
+
+
+@torch.no_grad()
+def _response_arrays(template: BPNN, data: TrainingSet, frame_start, n_inputs: int, n_partners: int, dtype):
+    """Features, response and partners of every atom (plus the padding row), and the ZBL energy,
+    forces and virial·(1/V) of every frame, in chunks of frames (computed in float64)."""
+    n_rows, n_frames = int(frame_start[-1]) + 1, len(frame_start) - 1
+    features = torch.zeros(n_rows, n_inputs, dtype=dtype)
+    response = torch.zeros(n_rows, n_inputs, 3 * n_partners + 9, dtype=dtype)
+    partners = np.full((n_rows, n_partners), n_rows - 1, dtype=np.int64)
+    zbl_energy, zbl_virial = torch.zeros(n_frames, dtype=torch.float64), torch.zeros(n_frames, 9, dtype=torch.float64)
+    zbl_forces = torch.zeros(n_rows, 3, dtype=torch.float64)
+    width = max(g.width for g in data.graphs)
+    chunk_atoms = max(1, _CHUNK_NUMBERS // (9 * n_inputs * width + template.n_features * n_inputs))
+    for lo, hi in _frame_chunks(frame_start, chunk_atoms):
+        graph = NeighbourGraph.concat(data.graphs[lo:hi]).to(device="cpu", dtype=torch.float64)
+        rows = slice(int(frame_start[lo]), int(frame_start[hi]))
+        x, slot_grad = _whitened_slot_gradients(template, graph, n_inputs)
+        zbl = template.zbl_terms(graph)
+        if zbl is not None:  # one more channel: the ZBL energy's own gradient
+            slot_grad = torch.cat([slot_grad, zbl[1].transpose(1, 2)[:, None]], dim=1)
+        partner_response, partner_rows = _partner_response(graph, slot_grad, n_partners)
+        inverse_volume = torch.nan_to_num(1.0 / graph.volume, nan=0.0)[graph.system_idx]
+        virial = torch.einsum("ncbw,nwa->ncab", slot_grad, graph.vec).flatten(2) * inverse_volume[:, None, None]
+        features[rows] = x.to(dtype)
+        response[rows] = torch.cat([partner_response[:, :n_inputs].flatten(2), virial[:, :n_inputs]], -1).to(dtype)
+        partners[rows] = partner_rows.numpy() + rows.start
+        if zbl is not None:
+            zbl_energy[lo:hi] = zbl[0]
+            zbl_forces.index_add_(0, partner_rows.flatten() + rows.start, partner_response[:, n_inputs].reshape(-1, 3))
+            zbl_virial[lo:hi].index_add_(0, graph.system_idx, virial[:, n_inputs])
+    return features, response, partners, (zbl_energy, zbl_forces, zbl_virial)
+
+
+def _whitened_width(model: BPNN) -> int:
+    """Columns of the whitened features any element uses (PCA puts the dropped ones last)."""
+    used = torch.nonzero((model.feature_transform.abs().sum(1) > 0).any(0))
+    return int(used.max()) + 1 if used.numel() else 1
+
+
+def _partner_count(graph: NeighbourGraph) -> int:
+    """Most distinct atoms (itself included) one atom of a one-structure graph has as neighbours."""
+    n = graph.n_atoms
+    occupied = torch.zeros(n, n, dtype=torch.bool).scatter_(1, graph.neighbour.cpu(), True)
+    occupied.fill_diagonal_(True)
+    return int(occupied.sum(1).max())
+
+
+def _frame_chunks(frame_start: np.ndarray, chunk_atoms: int):
+    """(first, stop) frame ranges of about ``chunk_atoms`` atoms each (at least one frame)."""
+    lo, n_frames = 0, len(frame_start) - 1
+    while lo < n_frames:
+        hi = int(np.searchsorted(frame_start, frame_start[lo] + chunk_atoms, side="right")) - 1
+        hi = min(max(hi, lo + 1), n_frames)
+        yield lo, hi
+        lo = hi
+
+
+def _whitened_slot_gradients(model: BPNN, graph: NeighbourGraph, n_inputs: int):
+    """Whitened features X (N, K) and dX/dvec (N, K, 3, W) of every atom and neighbour slot."""
+    desc = model.descriptor
+    mean = model.feature_mean[graph.element]  # (N, F)
+    transform = model.feature_transform[graph.element][..., :n_inputs]  # (N, F, K)
+    if desc.angular == "g5":  # the analytic backward pass, with the K whitened columns as "members"
+        basis = desc.pair_basis(graph.vec, graph.segments)
+        moments = desc.moments(basis)
+        x = ((desc.features_from_moments(moments) - mean)[:, None] @ transform).squeeze(1)
+        moment_grad = desc.moment_gradients(moments, transform.permute(2, 0, 1).contiguous())
+        return x, desc.slot_gradients(moment_grad, basis)
+    with torch.enable_grad():  # explicit triplets: one backward pass per column
+        vec = graph.vec.detach().requires_grad_(True)
+        features = desc.triplet_features(graph.with_vec(vec), include_jk=True)
+        x = ((features - mean)[:, None] @ transform).squeeze(1)
+        grads = [torch.autograd.grad(x[:, k].sum(), vec, retain_graph=k < n_inputs - 1)[0] for k in range(n_inputs)]
+    return x.detach(), torch.stack(grads, dim=1).transpose(2, 3)
+
+
+def _partner_response(graph: NeighbourGraph, slot_grad: torch.Tensor, n_partners: int):
+    """-dX_i/dr_k (N, C, P, 3) for the partners k of every atom, and their rows (N, P) in ``graph``.
+
+    vec = r_j - r_i: a slot's gradient counts + for its neighbour and - for the centre.
+    """
+    n, channels, _, width = slot_grad.shape
+    sizes = torch.bincount(graph.system_idx, minlength=graph.n_systems)
+    first = (torch.cumsum(sizes, 0) - sizes)[graph.system_idx]  # first row of each atom's structure
+    local = graph.neighbour - first[:, None]  # (N, W) index within the structure
+    own = torch.arange(n) - first
+    size = int(sizes.max())
+    flat = slot_grad.reshape(n, channels * 3, width)
+    dense = flat.new_zeros(n, channels * 3, size).scatter_add_(2, local[:, None].expand(-1, channels * 3, -1), flat)
+    dense.neg_()
+    dense[torch.arange(n), :, own] += flat.sum(-1)
+    occupied = torch.zeros(n, size, dtype=torch.bool).scatter_(1, local, True)
+    occupied[torch.arange(n), own] = True
+    order = torch.sort((~occupied).to(torch.int8), dim=1, stable=True).indices  # occupied columns first
+    keep = min(size, n_partners)
+    real = torch.arange(keep)[None] < occupied.sum(1, keepdim=True)
+    columns = torch.where(real, order[:, :keep], own[:, None])
+    response = dense.view(n, channels, 3, size).gather(3, columns[:, None, None].expand(-1, channels, 3, -1))
+    response = (response * real[:, None, None]).transpose(2, 3)  # (N, C, keep, 3)
+    if keep < n_partners:
+        response = torch.cat([response, response.new_zeros(n, channels, n_partners - keep, 3)], dim=2)
+        columns = torch.cat([columns, own[:, None].expand(-1, n_partners - keep)], dim=1)
+    return response, columns + first[:, None]
+
+
+@dataclass
+class _Layout:
+    """Where every member's minibatch sits in one stacked pass (leading dimension: member).
+
+    Atoms are grouped by element (slots ``blocks[e]``), each block as wide as the most atoms
+    of that element any member has; unused slots hold the padding atom."""
+
+    atoms: torch.Tensor  # (M, n) cache rows
+    blocks: list[tuple[int, int]]
+    frame_slot: torch.Tensor  # (M·n,) row m·(B + 1) + the atom's frame in member m's batch (padding: B)
+    partner_slot: torch.Tensor  # (M·n·P,) row m·(n + 1) + the slot of each partner (padding: n)
+    frames: torch.Tensor  # (M, B) cache frames
+    frame_mask: torch.Tensor  # (M, B) model dtype: 1 for real frames
+
+
+def _frame_atoms(cache: DescriptorCache, frames) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of the atoms of ``frames``, sorted by element (stable), with their frame's position
+    in ``frames`` and their element."""
+    frames = np.asarray(frames, dtype=np.int64)
+    sizes = cache.frame_start[frames + 1] - cache.frame_start[frames]
+    atoms = np.repeat(cache.frame_start[frames] - (np.cumsum(sizes) - sizes), sizes) + np.arange(sizes.sum())
+    slot = np.repeat(np.arange(len(frames)), sizes)
+    element = cache.element[atoms]
+    if cache.n_elements > 1:
+        order = np.argsort(element, kind="stable")
+        atoms, slot, element = atoms[order], slot[order], element[order]
+    return atoms, slot, element
+
+
+def _layout(cache: DescriptorCache, frame_lists) -> _Layout:
+    """The stacked layout of one list of frames per member (index work in numpy: small arrays)."""
+    n_el, n_frames = cache.n_elements, max(len(f) for f in frame_lists)
+    members = []
+    for frames in frame_lists:
+        atoms, slot, element = _frame_atoms(cache, frames)
+        members.append((atoms, slot, element, np.bincount(element, minlength=n_el)))
+    widths = np.max([counts for *_, counts in members], axis=0)
+    offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+    n = int(offsets[-1])
+    atoms_pad = np.full((len(members), n), cache.padding, dtype=np.int64)
+    slot_pad = np.full((len(members), n), n_frames, dtype=np.int64)
+    partner_slot = np.empty((len(members), n, cache.n_partners), dtype=np.int64)
+    frames_pad = np.zeros((len(members), n_frames), dtype=np.int64)
+    slot_of = np.empty(cache.padding + 1, dtype=np.int64)  # only this batch's rows are read
+    for m, ((atoms, slot, element, counts), frames) in enumerate(zip(members, frame_lists)):
+        position = offsets[element] + np.arange(len(atoms)) - (np.cumsum(counts) - counts)[element]
+        atoms_pad[m, position], slot_pad[m, position] = atoms, slot
+        slot_of[atoms_pad[m]] = np.arange(n)
+        slot_of[cache.padding] = n
+        partner_slot[m] = slot_of[cache.partners[atoms_pad[m]]]
+        frames_pad[m, :len(frames)] = frames
+    device = cache.features.device
+    member = np.arange(len(members))[:, None]
+    lengths = torch.tensor([len(f) for f in frame_lists])
+    return _Layout(
+        atoms=torch.from_numpy(atoms_pad).to(device),
+        blocks=[(int(a), int(b)) for a, b in pairwise(offsets)],
+        frame_slot=torch.from_numpy((slot_pad + member * (n_frames + 1)).ravel()).to(device),
+        partner_slot=torch.from_numpy((partner_slot + member[:, None] * (n + 1)).ravel()).to(device),
+        frames=torch.from_numpy(frames_pad).to(device),
+        frame_mask=(torch.arange(n_frames)[None] < lengths[:, None]).to(device=device, dtype=cache.features.dtype),
+    )
+
+
+def _stacked_layers(models: list[BPNN], element: int, n_inputs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight (M, in, out), bias (M, 1, out)) per layer of the members' networks of ``element``
+    (differentiable: built from the parameters at every step)."""
+    nets = [m.networks[element] for m in models]
+    layers = []
+    for k in range(len(nets[0].hidden)):
+        weight = torch.stack([net.hidden[k].weight for net in nets]).transpose(1, 2)
+        layers.append((weight[:, :n_inputs] if k == 0 else weight, torch.stack([net.hidden[k].bias for net in nets])[:, None]))
+    weight = torch.stack([net.output.weight for net in nets]).transpose(1, 2)
+    layers.append((weight[:, :n_inputs] if not nets[0].hidden else weight, torch.stack([net.output.bias for net in nets])[:, None]))
+    return layers
+
+
+def _energy_and_input_gradient(layers, activation, x: torch.Tensor, gradient: bool = True):
+    """Network energies (M, n) and dE/dX (M, n, K) (None without ``gradient``), the backward pass
+    written out (as in :class:`StackedNetworks`): it stays differentiable with respect to the weights."""
+    *hidden, (w_out, b_out) = layers
+    h, slopes = x, []
+    for w, b in hidden:
+        if gradient:
+            h, slope = _activation_with_slope(activation, torch.baddbmm(b, h, w))
+            slopes.append(slope)
+        else:
+            h = activation(torch.baddbmm(b, h, w))
+    energy = torch.baddbmm(b_out, h, w_out).squeeze(-1)
+    if not gradient:
+        return energy, None
+    grad = w_out.transpose(1, 2)  # (M, 1, H)
+    for (w, _), slope in zip(reversed(hidden), reversed(slopes)):
+        grad = torch.bmm(slope * grad, w.transpose(1, 2))
+    return energy, grad.expand(-1, x.shape[1], -1)
+
+
+def _cached_networks(models: list[BPNN], cache: DescriptorCache, layout: _Layout, gradient: bool = True):
+    """Network energies (M, n) of the atoms of ``layout`` and, with ``gradient``, dE/dX (M, n, K)."""
+    n_members, n_slots = layout.atoms.shape
+    n_inputs = cache.features.shape[1]
+    # index_select: several times faster than indexing with a tensor
+    x = cache.features.index_select(0, layout.atoms.flatten()).view(n_members, n_slots, n_inputs)
+    activation = models[0].networks[0].activation
+    energies, grads = [], []
+    for e, (lo, hi) in enumerate(layout.blocks):
+        if hi > lo:
+            layers = _stacked_layers(models, e, n_inputs)
+            energy, grad = _energy_and_input_gradient(layers, activation, x[:, lo:hi], gradient)
+            energies.append(energy)
+            grads.append(grad)
+    if len(energies) == 1:
+        return energies[0], grads[0]
+    return torch.cat(energies, 1), (torch.cat(grads, 1) if gradient else None)
+
+
+def _cached_terms(models: list[BPNN], cache: DescriptorCache, layout: _Layout):
+    """Per member (M,): squared errors and counts of energy per atom, force and stress components."""
+    n_members, n_slots = layout.atoms.shape
+    n_frames, n_inputs, n_partners = layout.frames.shape[1], cache.features.shape[1], cache.n_partners
+    atoms, frames = layout.atoms.flatten(), layout.frames.flatten()
+
+    def per_atom(t):
+        return t.index_select(0, atoms).view(n_members, n_slots, *t.shape[1:])
+
+    def per_frame(t):
+        return t.index_select(0, frames).view(n_members, n_frames, *t.shape[1:])
+
+    atomic, g = _cached_networks(models, cache, layout)
+    response = cache.response.index_select(0, atoms)  # (M·n, K, 3P + 9)
+    out = torch.bmm(g.reshape(n_members * n_slots, 1, n_inputs), response).view(n_members, n_slots, -1)
+    # Sums into rows of all members at once (index_add: its backward is a fast index_select).
+    forces = out.new_zeros(n_members * (n_slots + 1), 3).index_add(
+        0, layout.partner_slot, out[..., :3 * n_partners].reshape(-1, 3)).view(n_members, n_slots + 1, 3)[:, :n_slots]
+    stress = out.new_zeros(n_members * (n_frames + 1), 9).index_add(
+        0, layout.frame_slot, out[..., 3 * n_partners:].reshape(-1, 9)).view(n_members, n_frames + 1, 9)[:, :n_frames]
+    energy = atomic.new_zeros(n_members * (n_frames + 1)).index_add(
+        0, layout.frame_slot, atomic.flatten()).view(n_members, n_frames + 1)[:, :n_frames]
+    mask = layout.frame_mask
+    sq_e = ((((energy - per_frame(cache.energy)) / per_frame(cache.n_atoms)) ** 2) * mask).sum(1)
+    weight = per_atom(cache.force_weight)
+    sq_f = (((forces - per_atom(cache.forces)) ** 2).sum(-1) * weight).sum(1)
+    stress_mask = per_frame(cache.has_stress) * mask
+    sq_s = (((stress - per_frame(cache.stress)) ** 2).sum(-1) * stress_mask).sum(1)
+    return sq_e, mask.sum(1), sq_f, 3.0 * (weight > 0).sum(1), sq_s, 9.0 * stress_mask.sum(1)
+
+
+def _member_losses(config: PotentialConfig, sq_e, n_e, sq_f, n_f, sq_s, n_s) -> torch.Tensor:
+    """:func:`_combine` for every member at once (a term without data is 0)."""
+    t_e, t_f, t_s = _targets(config)
+    return (config.energy_weight * sq_e / n_e.clamp(min=1.0) / t_e**2
+            + config.force_weight * sq_f / n_f.clamp(min=1.0) / t_f**2
+            + config.stress_weight * sq_s / n_s.clamp(min=1.0) / t_s**2)
+
+
+def _cached_epoch(runs: list[_MemberRun], cache: DescriptorCache, config: PotentialConfig) -> None:
+    """One epoch of every member in ``runs``: minibatch b of all members in one pass, the sum of
+    their losses differentiated once (each member's gradient is that of its own loss)."""
+    batches = [run.batches() for run in runs]
+    for b in range(max(len(x) for x in batches)):
+        group = [run for run, x in zip(runs, batches) if b < len(x)]
+        models = [run.model for run in group]
+        layout = _layout(cache, [x[b] for x in batches if b < len(x)])
+        loss = _member_losses(config, *_cached_terms(models, cache, layout)).sum()
+        loss = loss + config.l2 * sum(_l2(model) for model in models)
+        for run in group:
+            run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for run in group:
+            run.optimizer.step()
+
+
+@torch.no_grad()
+def _cached_totals(models: list[BPNN], cache: DescriptorCache, frame_lists) -> np.ndarray:
+    """(M, 6) summed squared errors and counts of each member on its frames."""
+    atoms_per_frame = cache.padding / max(len(cache.frame_start) - 1, 1)
+    numbers_per_frame = len(models) * atoms_per_frame * cache.response[0].numel()
+    chunk = max(1, int(_CHUNK_NUMBERS // max(numbers_per_frame, 1)))
+    totals = np.zeros((len(models), 6))
+    for start in range(0, max(len(f) for f in frame_lists), chunk):
+        terms = _cached_terms(models, cache, _layout(cache, [f[start: start + chunk] for f in frame_lists]))
+        totals += torch.stack(terms, dim=1).to(torch.float64).cpu().numpy()
+    return totals
 
 
 # --------------------------------------------------------------------------- replica ensembles
@@ -486,38 +940,34 @@ def _replica_widths(hidden_layers, index: int) -> list[int]:
     return [max(2, round(h * factor)) for h in hidden_layers]
 
 
-def _train_replica_ensemble(template, data, config, n_models, seed, progress, log) -> list[BPNN]:
+def _train_replica_ensemble(template, data, config, n_models, seed, progress, log, cache=None) -> list[BPNN]:
     """A reference network, then replicas fitted to its atomic energies (seed 003 sec. 5)."""
-    reference = _train_member(template, data, config, seed, 0, progress, log, label=f"reference 1/{n_models}")
+    reference = _train_members(template, data, config, seed, [0], progress, log, [f"reference 1/{n_models}"], cache)[0]
     targets = _atomic_energies(reference, data)
     return [reference] + [
-        _train_replica(template, data, targets, config, seed, k, progress, log, label=f"replica {k + 1}/{n_models}")
+        _train_replica(template, data, targets, config, seed, k, progress, log, f"replica {k + 1}/{n_models}", cache)
         for k in range(1, n_models)
     ]
 
 
-def _train_replica(template, data, targets, config, seed, index, progress, log, label) -> BPNN:
+def _train_replica(template, data, targets, config, seed, index, progress, log, label, cache=None) -> BPNN:
     """One replica of another width, trained on the reference's atomic energies (its split)."""
     replica = _member_from_template(template, config, seed, index, _replica_widths(config.hidden_layers, index))
     train_idx, val_idx = _split(len(data), config.val_fraction, seed, 0)
     monitor_idx = val_idx if len(val_idx) else train_idx
     t_e = config.target_energy_mev_atom / 1000.0
-
-    def make_batch(idx):
-        return _atom_target_batch(data, targets, idx, replica)
+    make_batch, errors = _replica_errors(replica, data, targets, cache)
 
     def step(batch):
-        out = evaluate_members([replica], batch.graph, forces=False, stress=False)
-        return ((out.atomic_energies[0] - batch.atom_targets) ** 2).mean() / t_e**2
+        return (errors(batch) ** 2).mean() / t_e**2
 
     def evaluate():
         squared, count = 0.0, 0
         with torch.no_grad():
             for start in range(0, len(monitor_idx), 64):
-                batch = make_batch(monitor_idx[start: start + 64])
-                out = evaluate_members([replica], batch.graph, forces=False, stress=False)
-                squared += float(((out.atomic_energies[0] - batch.atom_targets) ** 2).sum())
-                count += len(batch.atom_targets)
+                error = errors(make_batch(monitor_idx[start: start + 64]))
+                squared += float((error**2).sum())
+                count += error.numel()
         rmse = math.sqrt(squared / max(count, 1))
         return {"atomic_energy_rmse_mev": 1000 * rmse, "val_loss": (rmse / t_e) ** 2}
 
@@ -528,6 +978,27 @@ def _train_replica(template, data, targets, config, seed, index, progress, log, 
     replica.metrics = metrics
     log(_summary(metrics, label))
     return replica
+
+
+def _replica_errors(replica: BPNN, data: TrainingSet, targets, cache: DescriptorCache | None):
+    """(make_batch, errors): minibatches of frame indices, and the replica's atomic energy errors on one."""
+    if cache is None:
+        def errors(batch):
+            out = evaluate_members([replica], batch.graph, forces=False, stress=False)
+            return out.atomic_energies[0] - batch.atom_targets
+
+        return (lambda idx: _atom_target_batch(data, targets, idx, replica)), errors
+    # The cache holds network inputs: reference energies come off the targets.
+    element = torch.as_tensor(cache.element[:-1])
+    residual = torch.cat(targets) - replica.reference_energies.to(torch.float64).cpu()[element]
+    residual = torch.cat([residual, residual.new_zeros(1)]).to(cache.features)
+
+    def cached_errors(layout):
+        atoms = layout.atoms[0]
+        error = _cached_networks([replica], cache, layout, gradient=False)[0][0] - residual[atoms]
+        return error[atoms != cache.padding]
+
+    return (lambda idx: _layout(cache, [idx])), cached_errors
 
 
 def _atomic_energies(model: BPNN, data: TrainingSet) -> list[torch.Tensor]:
