@@ -160,6 +160,29 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def target_energy(system: str, oracle_name: str) -> float | None:
+    """Oracle energy per atom of the system's target structure, relaxed with the oracle."""
+    from ase.io import read
+
+    from xtalforge.config import OracleConfig, RelaxConfig
+    from xtalforge.dynamics import relax_structure
+    from xtalforge.oracles import build_oracle
+
+    atoms = read(REFERENCE_DIR / SYSTEMS[system]["target"])
+    result = relax_structure(atoms, build_oracle(OracleConfig(name=oracle_name)).calculator,
+                             RelaxConfig(fmax=0.01, smax_gpa=0.1, max_steps=500))
+    return None if result.energy is None else float(result.energy_per_atom)
+
+
+def mark_ground_state_energy(row: dict, target: float | None, tolerance: float = 1e-3) -> None:
+    """Whether the run's best oracle energy reached the target's (within 1 meV/atom): under
+    Stillinger–Weber, lonsdaleite is degenerate with diamond (0.02 meV/atom), so a run can
+    reach the ground-state energy without matching the diamond target."""
+    best = row.get("best_energy_per_atom")
+    row["target_energy_per_atom"] = target
+    row["ground_state_energy_reached"] = None if best is None or target is None else bool(best <= target + tolerance)
+
+
 def goals(rows: list[dict]) -> dict:
     """Check the issue's goals per system from the runs of all seeds."""
     verdict = {}
@@ -179,6 +202,10 @@ def goals(rows: list[dict]) -> dict:
             "not_worse_than_symmetric_random": None if random_median is None else bool(found and statistics.median(calls) <= random_median),
             "tenfold_where_random_above_3000": (None if random_median is None or random_median <= 3000
                                                 else bool(found and 10 * statistics.median(calls) <= random_median)),
+            "active_found_per_seed": [bool(r.get("found")) for r in active],
+            "active_ground_state_energy_per_seed": [r.get("ground_state_energy_reached") for r in active],
+            "active_median_calls": statistics.median(calls),
+            "symmetric_random_median_calls_to_target": random_median,
         }
     return verdict
 
@@ -218,6 +245,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         rows = run_jobs(jobs, workdir, args.parallel)
+    target_energies = {system: target_energy(system, args.oracle) for system in systems}
+    for row in rows:
+        mark_ground_state_energy(row, target_energies[row["system"]])
     print()
     print(f"{'system':8s} {'mode':9s} {'method':7s} {'found':6s} {'calls to target (per seed)':28s} {'calls total':14s}")
     for key in sorted({(r["system"], r["mode"], r["method"]) for r in rows}):

@@ -17,7 +17,7 @@ from xtalforge.config import RunConfig, from_dict
 from xtalforge.oracles import Oracle
 from xtalforge.oracles.registry import build_calculator
 from xtalforge.search import active, run_search
-from xtalforge.search.pools import TRAINING, Pool
+from xtalforge.search.pools import SEARCH, TRAINING, Pool
 from xtalforge.search.selection import noise_level
 from xtalforge.store import RunStore
 from xtalforge.structures.batch import Prediction
@@ -101,7 +101,7 @@ def _labels(store):
 
 
 def test_loop_labels_trains_relaxes_and_validates(tmp_path, reference_dir, stand_in):
-    config = _config(reference_dir)
+    config = _config(reference_dir, label_from="training")
     summary = run_search(config, tmp_path / "run", progress=False)
     store = RunStore(tmp_path / "run")
     cycles = json.loads((tmp_path / "run" / "cycles.json").read_text())
@@ -134,6 +134,16 @@ def test_loop_labels_trains_relaxes_and_validates(tmp_path, reference_dir, stand
 
 
 @pytest.mark.slow
+def test_first_cycle_labels_the_training_pool_later_cycles_any_pool(tmp_path, reference_dir, stand_in):
+    config = _config(reference_dir, label_from="all", max_cycles=3, stop_tol=-1.0, validate=False, force_weight=0.0)
+    run_search(config, tmp_path / "run", progress=False)
+    labels = RunStore(tmp_path / "run").records(stage="label")
+    pool0 = Pool.load(tmp_path / "run" / "active" / "pool_000.npz")
+    origins = {cycle: {int(pool0.origin[r.candidate]) for r in labels if r.generation == cycle} for cycle in (1, 2, 3)}
+    assert origins[1] == {TRAINING}  # seed 004 III.A: the first, random batch comes from the training pool
+    assert any(SEARCH in origins[c] for c in (2, 3))  # then the selection score ranks both pools
+
+
 def test_interrupted_runs_resume_without_repeating_oracle_work(tmp_path, reference_dir, stand_in, monkeypatch):
     config = _config(reference_dir, max_cycles=3, stop_tol=-1.0)  # never converges: exactly three cycles
     reference = run_search(config, tmp_path / "reference", progress=False)

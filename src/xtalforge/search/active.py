@@ -305,15 +305,18 @@ def _relax_settings(ctx: RunContext) -> PoolRelaxSettings:
 def select_batch(ctx: RunContext, pool: Pool, cycle: int) -> tuple[list[Atoms], float]:
     """The structures to label in ``cycle`` (perturbed copies), and the noise level used.
 
-    Random order when the pool has no model predictions yet (first cycle), otherwise
-    by selection score with one structure per cluster. Structures whose perturbed copy
+    Random order from the training pool when the pool has no model predictions yet
+    (first cycle), otherwise by selection score with one structure per cluster, from the
+    pool ``active.label_from`` names. Structures whose perturbed copy
     keeps a pair closer than its minimum distance after repeated draws are skipped.
     """
     acfg = active_config(ctx)
     rng = np.random.default_rng([ctx.config.seed, cycle, 1])
-    allowed = pool.usable & (pool.origin == TRAINING if acfg.label_from == "training" else True)
+    training = pool.usable & (pool.origin == TRAINING)
+    allowed = training if acfg.label_from == "training" else pool.usable
     if not np.isfinite(pool.energy_per_atom[allowed]).any():
-        order = rng.permutation(np.flatnonzero(allowed))
+        # First cycle (II.D): random, and from the training pool only (III.A) while it has structures.
+        order = rng.permutation(np.flatnonzero(training if training.any() else allowed))
     else:
         scores = selection_scores(pool.energy_per_atom, pool.max_force, acfg.force_weight)
         labels = (cluster_pool(pool.features, acfg.dbscan_eps, acfg.dbscan_min_samples, valid=pool.evaluated)
