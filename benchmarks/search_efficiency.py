@@ -15,15 +15,22 @@ oracle calls (aim 300), never more than symmetric random search, and at least 10
 times fewer wherever random search needs more than 3,000 calls.
 
     python benchmarks/search_efficiency.py                           # full: 4 systems x 3 seeds x 2 modes, sevennet
-    python benchmarks/search_efficiency.py --systems Si8,Si16 --oracle sw --seeds 0 --modes symmetric \\
-        --active-budget 3000 --set active.per_spacegroup=2 --set active.training_pool_size=200 \\
+    python benchmarks/search_efficiency.py --systems Si16 --oracle sw --seeds 0,1,2 --modes symmetric \\
+        --active-budget 3000 --parallel 2 --set active.per_spacegroup=2 --set active.training_pool_size=200 \\
         --set active.batch_size=30 --set active.max_cycles=10 --set potential.n_models=3 \\
         --set potential.hidden_layers=[15,15] --set potential.epochs=300 --set potential.patience=100
 
+That cut-down Si16 run (2026-11-24, results/search_efficiency.json): active found diamond in
+309 and 262 calls (seeds 0, 1) and stopped on its own rule without it in 218 (seed 2); symmetric
+random search needed 4370, 4028 and 2412. With per_spacegroup=5 (results/search_efficiency_sw_pool5.json)
+seeds 0 and 1 reached the ground-state energy (seed 0 as lonsdaleite, degenerate with diamond
+under Stillinger–Weber) in 333 and 232 calls, seed 2 did not (303). Before active.u_force_floor
+and active.label_from = "all", about 80 % of the search pool stopped on U a few steps into every
+cycle and no run found diamond in 10 cycles.
+
 Cut-down runs must not cut training short: with potential.epochs=100, patience=25 the
 models stopped at the epoch cap (test force RMSE 2.5 eV/Å on random Si8 after 30 labels,
-1.9 eV/Å with 300+ epochs) and the reduced Si8 run missed diamond (446 calls); with
-epochs=300, patience=100 it validated diamond first after 308 calls (2026-11-24).
+1.9 eV/Å with 300+ epochs) and the reduced Si8 run missed diamond (446 calls).
 
 ``--set section.key=value`` (repeatable, TOML values) overrides any config key of the
 active run (``active.*``, ``potential.*``, ``relax.*``, ...); ``--random-budget`` and
@@ -174,10 +181,14 @@ def target_energy(system: str, oracle_name: str) -> float | None:
     return None if result.energy is None else float(result.energy_per_atom)
 
 
-def mark_ground_state_energy(row: dict, target: float | None, tolerance: float = 1e-3) -> None:
-    """Whether the run's best oracle energy reached the target's (within 1 meV/atom): under
-    Stillinger–Weber, lonsdaleite is degenerate with diamond (0.02 meV/atom), so a run can
-    reach the ground-state energy without matching the diamond target."""
+def mark_ground_state_energy(row: dict, target: float | None, tolerance: float = 5e-3) -> None:
+    """Whether the run's best oracle energy reached the target's within ``tolerance`` eV/atom.
+
+    Under Stillinger–Weber lonsdaleite is degenerate with diamond (0.02 meV/atom), so a run can
+    reach the ground-state energy without matching the diamond target; 5 meV/atom because
+    random-search relaxations stop a few meV/atom above their minimum, while SevenNet-0 puts
+    lonsdaleite 12 meV/atom above diamond.
+    """
     best = row.get("best_energy_per_atom")
     row["target_energy_per_atom"] = target
     row["ground_state_energy_reached"] = None if best is None or target is None else bool(best <= target + tolerance)
