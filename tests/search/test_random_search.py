@@ -73,3 +73,23 @@ def test_resume_with_other_composition_is_refused(tmp_path):
     other.write_text('composition = "Si6"\n[oracle]\nname = "sw"\n[search]\nmax_candidates = 1\n')
     with pytest.raises(ConfigError, match="holds a run with composition"):
         run_search(load_config(other), tmp_path / "run", progress=False)
+
+
+def test_structures_relaxed_into_pairs_below_the_generation_minimum_are_unphysical(reference_dir):
+    from types import SimpleNamespace
+
+    from ase.io import read
+
+    from xtalforge.config import RelaxConfig, StructuresConfig
+    from xtalforge.search.outcome import collapsed_pairs
+    from xtalforge.structures.composition import Composition
+    from xtalforge.structures.constraints import Constraints
+
+    constraints = Constraints.from_config(Composition.parse("Si8"), StructuresConfig(min_distances={"Si-Si": 1.6}))
+    ctx = SimpleNamespace(constraints=constraints, config=SimpleNamespace(relax=RelaxConfig()))
+    diamond = read(reference_dir / "Si_diamond_Fd-3m.cif")
+    assert collapsed_pairs(ctx, diamond) is None
+    squeezed = diamond.copy()
+    squeezed.set_cell(diamond.cell * 0.62, scale_atoms=True)  # bonds 2.35 -> 1.46 Å: above 0.5 x 1.6, below 1.6
+    problem = collapsed_pairs(ctx, squeezed)
+    assert problem is not None and "unphysical" in problem

@@ -7,6 +7,23 @@ from dataclasses import dataclass
 from xtalforge.store import RunStore, StructureRecord
 
 
+def collapsed_pairs(ctx, atoms) -> str | None:
+    """Why a relaxed structure is unphysical: a pair closer than the generation minimum.
+
+    Relaxation guards only stop a collapse below ``relax.min_distance_factor`` × that
+    minimum; a structure that ends between the two sits in a hole of the oracle
+    (SevenNet-0 ranked a Si16 with 1.50 Å bonds at -17.5 eV/atom, diamond -5.40) and must
+    not be ranked. The same rule keeps such labels out of active-learning training sets.
+    """
+    from xtalforge.dynamics.guards import check_close_pairs, pair_thresholds
+
+    if atoms is None or ctx.constraints is None:
+        return None
+    thresholds = pair_thresholds(atoms.numbers, ctx.constraints.min_distance_matrix, 1.0, ctx.config.relax.min_distance_floor)
+    problem = check_close_pairs(atoms, thresholds)
+    return None if problem is None else f"relaxed into an unphysical structure: {problem}"
+
+
 def relaxation_record(ctx, result, *, candidate: int, method: str, stage: str, calls_start: int,
                       operator: str | None, generation: int | None = None, spacegroup_info=None,
                       extra: dict | None = None) -> StructureRecord:
@@ -16,6 +33,8 @@ def relaxation_record(ctx, result, *, candidate: int, method: str, stage: str, c
     carries exactly the oracle calls spent on it; failed relaxations keep no energies.
     """
     ok = result.status != "failed"
+    problem = collapsed_pairs(ctx, result.atoms) if ok else None
+    ok = ok and problem is None
     sg = spacegroup_info if ok else None
     return StructureRecord(
         candidate=candidate,
@@ -29,8 +48,8 @@ def relaxation_record(ctx, result, *, candidate: int, method: str, stage: str, c
         oracle_calls_total=ctx.oracle_calls,
         spacegroup_number=sg.number if sg else None,
         spacegroup_symbol=sg.symbol if sg else None,
-        relax_status=result.status,
-        error=None if ok else result.reason,
+        relax_status=result.status if problem is None else "unphysical",
+        error=None if ok else (problem or result.reason),
         seed=ctx.config.seed,
         operator=operator,
         initial=result.initial,
