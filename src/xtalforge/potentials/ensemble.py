@@ -125,13 +125,14 @@ class Ensemble(nn.Module):
         save_model(self, path)
 
 
-def relative_force_uncertainty(forces: torch.Tensor, forces_std: torch.Tensor, system_idx: torch.Tensor, n_systems: int) -> torch.Tensor:
-    """U = max_i |σ_f,i| / max_i |f̄_i| per structure (0 where both vanish)."""
+def relative_force_uncertainty(forces: torch.Tensor, forces_std: torch.Tensor, system_idx: torch.Tensor, n_systems: int,
+                               floor: float = 1e-12) -> torch.Tensor:
+    """U = max_i |σ_f,i| / max(max_i |f̄_i|, floor) per structure (0 where both vanish)."""
     sigma = torch.linalg.vector_norm(forces_std, dim=1)
     force = torch.linalg.vector_norm(forces, dim=1)
     max_sigma = sigma.new_zeros(n_systems).scatter_reduce(0, system_idx, sigma, "amax", include_self=True)
     max_force = force.new_zeros(n_systems).scatter_reduce(0, system_idx, force, "amax", include_self=True)
-    return max_sigma / max_force.clamp(min=1e-12)
+    return max_sigma / max_force.clamp(min=floor)
 
 
 def _mean_features(hidden: torch.Tensor, graph) -> torch.Tensor:

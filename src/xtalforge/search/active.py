@@ -40,7 +40,7 @@ from xtalforge.config import ActiveConfig
 from xtalforge.errors import ConfigError
 from xtalforge.search.active_state import ActiveState, CycleSummary
 from xtalforge.search.context import RunContext
-from xtalforge.search.outcome import SearchOutcome
+from xtalforge.search.outcome import SearchOutcome, generation_thresholds
 from xtalforge.search.pools import (
     SEARCH,
     TRAINING,
@@ -325,7 +325,7 @@ def select_batch(ctx: RunContext, pool: Pool, cycle: int) -> tuple[list[Atoms], 
     sigma = noise_level(cycle, acfg.noise, acfg.noise_damping, acfg.noise_first_cycle)
     chosen: list[Atoms] = []
     for i in order:
-        atoms = perturb(pool.atoms[i], sigma, rng, _label_thresholds(ctx, pool.atoms[i].numbers))
+        atoms = perturb(pool.atoms[i], sigma, rng, generation_thresholds(ctx, pool.atoms[i].numbers))
         if atoms is None:
             continue
         atoms.info.update(pool_index=int(i), origin=int(pool.origin[i]), noise=float(sigma))
@@ -333,13 +333,6 @@ def select_batch(ctx: RunContext, pool: Pool, cycle: int) -> tuple[list[Atoms], 
         if len(chosen) == acfg.batch_size:
             break
     return chosen, sigma
-
-
-def _label_thresholds(ctx: RunContext, numbers) -> np.ndarray:
-    """Per-pair minimum distances a labelled structure must respect (the generation constraints)."""
-    from xtalforge.dynamics.guards import pair_thresholds
-
-    return pair_thresholds(numbers, ctx.constraints.min_distance_matrix, 1.0, ctx.config.relax.min_distance_floor)
 
 
 def label_problem(ctx: RunContext, atoms: Atoms, result) -> str | None:
@@ -354,7 +347,7 @@ def label_problem(ctx: RunContext, atoms: Atoms, result) -> str | None:
 
         stress = voigt_6_to_full_3x3_stress(np.asarray(result.stress))
     reason = check_values(result.energy, np.asarray(result.forces), stress, len(atoms), ctx.config.relax.energy_bounds)
-    return reason or check_close_pairs(atoms, _label_thresholds(ctx, atoms.numbers))
+    return reason or check_close_pairs(atoms, generation_thresholds(ctx, atoms.numbers))
 
 
 def label_batch(ctx: RunContext, selection: list[Atoms], cycle: int) -> dict:

@@ -15,13 +15,19 @@ def collapsed_pairs(ctx, atoms) -> str | None:
     (SevenNet-0 ranked a Si16 with 1.50 Å bonds at -17.5 eV/atom, diamond -5.40) and must
     not be ranked. The same rule keeps such labels out of active-learning training sets.
     """
-    from xtalforge.dynamics.guards import check_close_pairs, pair_thresholds
+    from xtalforge.dynamics.guards import check_close_pairs
 
     if atoms is None or ctx.constraints is None:
         return None
-    thresholds = pair_thresholds(atoms.numbers, ctx.constraints.min_distance_matrix, 1.0, ctx.config.relax.min_distance_floor)
-    problem = check_close_pairs(atoms, thresholds)
+    problem = check_close_pairs(atoms, generation_thresholds(ctx, atoms.numbers))
     return None if problem is None else f"relaxed into an unphysical structure: {problem}"
+
+
+def generation_thresholds(ctx, numbers):
+    """(N, N) per-pair minimum distances of the structure-generation constraints (Å)."""
+    from xtalforge.dynamics.guards import pair_thresholds
+
+    return pair_thresholds(numbers, ctx.constraints.min_distance_matrix, 1.0, ctx.config.relax.min_distance_floor)
 
 
 def relaxation_record(ctx, result, *, candidate: int, method: str, stage: str, calls_start: int,

@@ -350,13 +350,11 @@ class FlooredUncertainty:
         pred = self.model.predict(batch, stress=stress, features=features)
         if pred.forces_std is None:
             return pred
-        n = batch.n_systems
-        sigma = torch.linalg.vector_norm(pred.forces_std.detach(), dim=1)
-        force = torch.linalg.vector_norm(pred.forces.detach(), dim=1)
-        idx = batch.system_idx.to(sigma.device)
-        max_sigma = sigma.new_zeros(n).scatter_reduce(0, idx, sigma, "amax", include_self=True)
-        max_force = force.new_zeros(n).scatter_reduce(0, idx, force, "amax", include_self=True)
-        pred.uncertainty = max_sigma / max_force.clamp(min=self.floor)
+        from xtalforge.potentials.ensemble import relative_force_uncertainty
+
+        forces = pred.forces.detach()
+        pred.uncertainty = relative_force_uncertainty(forces, pred.forces_std.detach(), batch.system_idx.to(forces.device),
+                                                      batch.n_systems, floor=self.floor)
         return pred
 
 
