@@ -85,6 +85,9 @@ def method_config(base: dict, method: str, budget: int, mode: str, overrides: di
     data = copy.deepcopy(base)
     data["search"].update(method=method, max_oracle_calls=budget)
     if method == "active":
+        # A user does not know the target: every validation (and confirmation round) is counted, so the
+        # active run's total is what it would spend without the target; calls_to_target is still recorded.
+        data["search"]["stop_at_target"] = False
         data.setdefault("active", {})["search_pool"] = mode
         _merge(data, overrides)
     return from_dict(RunConfig, data)
@@ -194,31 +197,87 @@ def mark_ground_state_energy(row: dict, target: float | None, tolerance: float =
     row["ground_state_energy_reached"] = None if best is None or target is None else bool(best <= target + tolerance)
 
 
+def random_calls(row: dict) -> int:
+    """Calls random search needed: to the target, or its whole budget when it did not get there (a lower bound)."""
+    return row["oracle_calls_to_target"] if row.get("found") else row["budget"]
+
+
+def random_median(rows: list[dict], system: str, mode: str) -> tuple[float | None, bool]:
+    """Median calls of random search in ``mode`` (None without runs) and whether it is only a lower bound."""
+    group = [r for r in rows if r["system"] == system and r["method"] == "random" and r["mode"] == mode
+             and "error" not in r]
+    if not group:
+        return None, False
+    median = statistics.median(random_calls(r) for r in group)
+    # A median over runs that hit their budget is a lower bound when a missed run sits at or below it.
+    return median, any(not r.get("found") and r["budget"] <= median for r in group)
+
+
 def goals(rows: list[dict]) -> dict:
-    """Check the issue's goals per system from the runs of all seeds."""
+    """Check the issue's goals per system from the runs of all seeds and modes.
+
+    Random search that missed the target within its budget counts as needing the budget (a lower
+    bound, flagged). The tenfold goal is checked against random search of each candidate mode.
+    """
     verdict = {}
     for system in sorted({r["system"] for r in rows}):
         active = [r for r in rows if r["system"] == system and r["method"] == "active" and "error" not in r]
-        random_sym = [r for r in rows if r["system"] == system and r["method"] == "random" and r["mode"] == "symmetric"
-                      and r.get("found")]
         if not active:
             continue
         calls = [r["oracle_calls"] for r in active]
         found = all(r.get("found") for r in active)
-        random_median = statistics.median(r["oracle_calls_to_target"] for r in random_sym) if random_sym else None
+        median = statistics.median(calls)
+        symmetric, symmetric_bound = random_median(rows, system, "symmetric")
+        tenfold = {}
+        for mode in ("symmetric", "random"):
+            reference, bound = random_median(rows, system, mode)
+            if reference is not None and reference > 3000:
+                tenfold[mode] = {"random_median_calls": reference, "lower_bound": bound,
+                                 "met": bool(found and 10 * median <= reference)}
         verdict[system] = {
             "all_active_found": found,
             "active_max_calls": max(calls),
             "within_700": found and max(calls) <= 700,
-            "not_worse_than_symmetric_random": None if random_median is None else bool(found and statistics.median(calls) <= random_median),
-            "tenfold_where_random_above_3000": (None if random_median is None or random_median <= 3000
-                                                else bool(found and 10 * statistics.median(calls) <= random_median)),
-            "active_found_per_seed": [bool(r.get("found")) for r in active],
-            "active_ground_state_energy_per_seed": [r.get("ground_state_energy_reached") for r in active],
-            "active_median_calls": statistics.median(calls),
-            "symmetric_random_median_calls_to_target": random_median,
+            "not_worse_than_symmetric_random": None if symmetric is None else bool(found and median <= symmetric),
+            "tenfold_where_random_above_3000": tenfold or None,
+            "active_found_per_seed": {f"{r['mode']}/{r['seed']}": bool(r.get("found")) for r in active},
+            "active_ground_state_energy_per_seed": {f"{r['mode']}/{r['seed']}": r.get("ground_state_energy_reached")
+                                                    for r in active},
+            "active_median_calls": median,
+            "symmetric_random_median_calls_to_target": symmetric,
+            "symmetric_random_median_is_lower_bound": symmetric_bound,
         }
     return verdict
+
+
+def reusable_rows(paths: list[Path], oracle: str, methods: set[str]) -> dict:
+    """Rows of ``methods`` in earlier results files with the same oracle, keyed by (system, mode, seed, method).
+
+    Random-search runs depend on the seed and budget only; active runs also on the settings, so
+    reuse those only from files made with the same ``--set`` overrides (checked).
+    """
+    import json
+
+    rows = {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        if data.get("oracle") != oracle:
+            raise SystemExit(f"--reuse {path}: its oracle is {data.get('oracle')!r}, not {oracle!r}")
+        for row in data["runs"]:
+            if "error" not in row and row["method"] in methods:
+                key = (row["system"], row["mode"], row["seed"], row["method"])
+                rows[key] = {**row, "reused_from": f"{path.name} ({data.get('date')})"}
+    return rows
+
+
+def check_same_overrides(paths: list[Path], overrides: dict) -> None:
+    """Active rows are only comparable under the same settings: every file with active rows must match."""
+    import json
+
+    for path in paths:
+        data = json.loads(path.read_text())
+        if any(r["method"] == "active" for r in data["runs"]) and data.get("active_overrides") != overrides:
+            raise SystemExit(f"--reuse {path}: its active runs used --set {data.get('active_overrides')}, not {overrides}")
 
 
 def main() -> None:
@@ -236,6 +295,14 @@ def main() -> None:
     parser.add_argument("--name", default="search_efficiency", help="results/NAME.json")
     parser.add_argument("--parallel", type=int, default=1,
                         help="runs at a time, each in its own process with one torch thread (default 1)")
+    parser.add_argument("--reuse", type=Path, nargs="+", default=[], metavar="RESULTS.json",
+                        help="take runs (same system, mode, seed, method) from earlier results files instead of "
+                             "running them again; they are marked reused_from")
+    parser.add_argument("--reuse-methods", default="random",
+                        help="methods whose runs --reuse takes (default random; add active only from files made "
+                             "with the same --set overrides)")
+    parser.add_argument("--only-reused", action="store_true",
+                        help="run nothing: combine the --reuse files into one results file")
     args = parser.parse_args()
     overrides = parse_overrides(args.overrides)
     systems = args.systems.split(",")
@@ -243,7 +310,11 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown system {unknown[0]!r}: choose from {', '.join(SYSTEMS)}")
 
-    jobs = []
+    reuse_methods = set(args.reuse_methods.split(","))
+    reused = reusable_rows(args.reuse, args.oracle, reuse_methods)
+    if "active" in reuse_methods:
+        check_same_overrides(args.reuse, overrides)
+    jobs, kept = [], []
     for system in systems:
         for mode in args.modes.split(","):
             for seed in map(int, args.seeds.split(",")):
@@ -252,10 +323,15 @@ def main() -> None:
                     budget = args.active_budget if method == "active" else args.random_budget
                     config = method_config(base, method, budget, mode, overrides)
                     row = {"system": system, "mode": mode, "seed": seed, "method": method, "budget": budget}
+                    if (system, mode, seed, method) in reused:
+                        kept.append(reused[(system, mode, seed, method)])
+                        continue
+                    if args.only_reused:
+                        continue
                     jobs.append((row, config, f"{system}_{mode}_{method}_s{seed}"))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
-        rows = run_jobs(jobs, workdir, args.parallel)
+        rows = kept + run_jobs(jobs, workdir, args.parallel)
     target_energies = {system: target_energy(system, args.oracle) for system in systems}
     for row in rows:
         mark_ground_state_energy(row, target_energies[row["system"]])

@@ -230,6 +230,13 @@ class ActiveConfig:
     stop_max_uncertain: float = 0.5
     validate: bool = True  # relax the best structure of each of the stop_k lowest clusters with the oracle
     validate_lowest: int | None = None  # also validate the n lowest pool structures outside them; None = stop_k
+    # Confirmation (our addition; the paper validates once): when the lowest oracle-validated energy
+    # differs from the ensemble's lowest prediction by more than confirm_tol, the ensemble has not learnt
+    # the bottom of the landscape. The validation trajectories (oracle energies, forces, stresses) then
+    # join the training set and the cycles go on until the stopping rule fires again, up to
+    # validation_rounds validations. None = validate once.
+    confirm_tol: float | None = None  # eV/atom
+    validation_rounds: int = 3
     merge_window: float = 0.05  # eV/atom: split a cluster whose low members are distinct structures; 0 = off
     model_batch: int = 1024  # structures the ensemble relaxes or evaluates together (bounds memory)
     initial_models: str | None = None  # ensemble file trained elsewhere: relaxes the pool before cycle 1

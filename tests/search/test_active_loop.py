@@ -241,3 +241,76 @@ def test_starting_from_models_and_data_trained_elsewhere(tmp_path, reference_dir
     store = RunStore(tmp_path / "models_only")
     assert not store.records(stage="label") and store.records(stage="validation")
     assert summary["oracle_calls"] == sum(r.oracle_calls for r in store.records(stage="validation"))
+
+
+def test_unconfirmed_validation_trains_on_its_relaxations_and_goes_on(tmp_path, reference_dir, stand_in):
+    # stop_tol 1 eV/atom: the rule fires in every cycle with a previous pool (cycle 2 on);
+    # confirm_tol 1e-6 eV/atom: no validation can be confirmed, so two rounds are run.
+    config = _config(reference_dir, max_cycles=4, stop_tol=1.0, stop_k=1, stop_max_uncertain=1.0, confirm_tol=1e-6,
+                     validation_rounds=2)
+    config.search.stop_at_target = False
+    summary = run_search(config, tmp_path / "run", progress=False)
+    store = RunStore(tmp_path / "run")
+    cycles = json.loads((tmp_path / "run" / "cycles.json").read_text())
+    rounds = cycles["validation_rounds"]
+    assert len(rounds) == 2 and rounds[0]["cycle"] == 2 and not rounds[0]["confirmed"]
+    last = rounds[1]["cycle"]
+    assert last > 2 and len(cycles["cycles"]) == last and cycles["stopped"]
+
+    validation = store.records(stage="validation")
+    assert {r.generation for r in validation} == {2, last}
+    trajectories = sorted((tmp_path / "run" / "active" / "cycle_002" / "validation").glob("*.traj"))
+    assert len(trajectories) == sum(r.generation == 2 for r in validation)
+    # Cycle 3 trains on every accepted label plus the first round's oracle relaxations.
+    labels = store.records(stage="label")
+    accepted = {c: sum(r.status == "ok" and r.generation <= c for r in labels) for c in (2, 3)}
+    extra = len(active.validation_frames(_context(config, tmp_path / "run"), active.ActiveState.load(tmp_path / "run"), 3))
+    assert extra > 0 and stand_in[3] == accepted[3] + extra and stand_in[2] == accepted[2]
+    # Every oracle call is counted: labels, and the steps of both validations.
+    assert summary["oracle_calls"] == len(labels) + sum(r.oracle_calls for r in validation)
+    assert len(cycles["validation"]) == len(validation)  # the table lists both rounds
+
+    # A confirmed validation ends the search after one round.
+    confirmed = _config(reference_dir, max_cycles=4, stop_tol=1.0, stop_k=1, stop_max_uncertain=1.0, confirm_tol=10.0)
+    confirmed.search.stop_at_target = False
+    run_search(confirmed, tmp_path / "confirmed", progress=False)
+    rounds = json.loads((tmp_path / "confirmed" / "cycles.json").read_text())["validation_rounds"]
+    assert len(rounds) == 1 and rounds[0]["confirmed"]
+
+
+def _context(config, run_dir):
+    from xtalforge.search.context import open_run
+
+    return open_run(config, run_dir, progress=False)
+
+
+def test_a_run_killed_in_its_second_validation_round_resumes(tmp_path, reference_dir, stand_in, monkeypatch):
+    from xtalforge.search import validation
+
+    config = _config(reference_dir, max_cycles=4, stop_tol=1.0, stop_k=1, stop_max_uncertain=1.0, confirm_tol=1e-6,
+                     validation_rounds=2)
+    config.search.stop_at_target = False
+    reference = run_search(config, tmp_path / "reference", progress=False)
+    a = json.loads((tmp_path / "reference" / "cycles.json").read_text())
+    second = a["validation_rounds"][1]["cycle"]
+
+    validate_one, seen = validation.validate_one, []
+
+    def dying(ctx, task, **kwargs):
+        if kwargs.get("generation") == second:
+            seen.append(task.key)
+            if len(seen) == 1:  # killed in the second round's first oracle relaxation
+                raise KeyboardInterrupt
+        return validate_one(ctx, task, **kwargs)
+
+    monkeypatch.setattr(validation, "validate_one", dying)
+    run_dir = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, run_dir, progress=False)
+    state = json.loads((run_dir / "active" / "state.json").read_text())
+    assert state["stopped"] and len(state["validation_rounds"]) == 1
+    monkeypatch.setattr(validation, "validate_one", validate_one)
+    resumed = run_search(config, run_dir, progress=False)
+    assert resumed["oracle_calls"] == reference["oracle_calls"]
+    b = json.loads((run_dir / "cycles.json").read_text())
+    assert a["validation_rounds"] == b["validation_rounds"] and a["validation"] == b["validation"]

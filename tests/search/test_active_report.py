@@ -43,6 +43,18 @@ def test_section_shows_cycles_figures_and_validation(tmp_path):
     assert (tmp_path / "figures" / "active_pool_energies.png").stat().st_size > 1000
     assert "duplicate of 7" in html and "32 oracle calls" in html and "Fd-3m (227)" in html
     assert SECTION in registered_sections()
+    assert "Validation rounds" not in html  # one confirmed (or unchecked) validation: nothing to say
+
+
+def test_section_lists_unconfirmed_validation_rounds(tmp_path):
+    state = _state_with_two_cycles(tmp_path)
+    state.validation_rounds = [
+        {"cycle": 1, "delta_lowest_mev": -86.7, "confirmed": False, "oracle_calls_total": 42},
+        {"cycle": 2, "delta_lowest_mev": 4.2, "confirmed": True, "oracle_calls_total": 90},
+    ]
+    state.save()
+    html = active_learning_section(tmp_path, RunStore(tmp_path))
+    assert "Validation rounds" in html and "-86.7 meV/atom, not confirmed" in html and "4.2 meV/atom, confirmed" in html
 
 
 def test_no_section_for_runs_without_cycles(tmp_path):

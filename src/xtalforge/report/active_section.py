@@ -35,6 +35,7 @@ def active_learning_section(run_dir: Path, store: RunStore) -> str | None:
         parts.append(_cluster_figure(run_dir, cycles) or "")
         parts.append(_pool_figure(run_dir, cycles) or "")
     parts.append(_validation_table(data.get("validation") or []))
+    parts.append(_rounds_note(data.get("validation_rounds") or []))
     return "\n".join(p for p in parts if p)
 
 
@@ -124,7 +125,7 @@ def _colours(n: int):
 def _validation_table(rows: list[dict]) -> str:
     if not rows:
         return "<p>No structure validated with the oracle yet.</p>"
-    header = ["pool index", "why", "cluster", "model (eV/atom)", "oracle (eV/atom)", "Δ (meV/atom)", "oracle calls",
+    header = ["pool index", "after cycle", "why", "cluster", "model (eV/atom)", "oracle (eV/atom)", "Δ (meV/atom)", "oracle calls",
               "space group", "target", "result"]
     body = []
     for r in rows:
@@ -132,13 +133,25 @@ def _validation_table(rows: list[dict]) -> str:
         target = {True: "yes", False: "no"}.get(r.get("matches_target"), "–")
         result = "duplicate of " + str(r["duplicate_of"]) if r.get("duplicate_of") is not None else (r.get("status") or "")
         body.append([
-            str(r.get("pool_index")), html.escape(str(r.get("reason") or "")), str(r.get("cluster", "–")),
+            str(r.get("pool_index")), str(r.get("after_cycle", "–")), html.escape(str(r.get("reason") or "")), str(r.get("cluster", "–")),
             _num(r.get("predicted_energy_per_atom"), 4), _num(r.get("energy_per_atom"), 4), _num(r.get("delta_e_mev"), 1),
             str(r.get("oracle_calls", "–")), html.escape(sg), target, html.escape(result),
         ])
     total = sum(int(r.get("oracle_calls") or 0) for r in rows)
     return (f"<h3>Validated minima</h3><p>{len(rows)} structures relaxed with the oracle, {total} oracle calls.</p>"
             + table_html(header, body))
+
+
+def _rounds_note(rounds: list[dict]) -> str:
+    """One line per validation round: how far the oracle disagreed with the ensemble's cluster minima."""
+    if len(rounds) < 2 and not any(not r.get("confirmed") for r in rounds):
+        return ""
+    items = "".join(
+        f"<li>after cycle {r['cycle']}: lowest oracle − lowest model energy {_num(r.get('delta_lowest_mev'), 1)} meV/atom, "
+        f"{'confirmed' if r.get('confirmed') else 'not confirmed'} ({r.get('oracle_calls_total')} oracle calls so far)</li>"
+        for r in rounds)
+    return ("<h3>Validation rounds</h3><p>An unconfirmed validation adds its oracle relaxations to the training "
+            f"set and the cycles go on (active.confirm_tol).</p><ul>{items}</ul>")
 
 
 def _num(value, digits: int) -> str:

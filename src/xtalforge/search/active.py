@@ -62,7 +62,13 @@ from xtalforge.search.selection import (
     selection_scores,
     stopping_improvement,
 )
-from xtalforge.search.validation import ValidationTask, validate_structures
+from xtalforge.search.validation import STAGE as VALIDATION_STAGE
+from xtalforge.search.validation import (
+    ValidationOutcome,
+    ValidationTask,
+    note_target,
+    validate_structures,
+)
 from xtalforge.store import StructureRecord
 
 METHOD = "active"
@@ -74,6 +80,27 @@ def run_active_search(ctx: RunContext) -> SearchOutcome:
     acfg = active_config(ctx)
     state = ActiveState.load(ctx.run_dir)
     pool = _initial_pool(ctx, state)
+    found, calls = False, None
+    while True:
+        pool = _run_cycles(ctx, state, pool)
+        if not acfg.validate:
+            break
+        outcome = _validate(ctx, state, pool)
+        found, calls = outcome.target_found, outcome.oracle_calls_to_target
+        if not _another_round(ctx, state, outcome):
+            break
+        state.reopen()
+    return SearchOutcome(
+        method=METHOD, n_candidates=len(pool),
+        target_found=found if ctx.target is not None else None,
+        oracle_calls_to_target=calls if found else None,
+    )
+
+
+def _run_cycles(ctx: RunContext, state: ActiveState, pool: Pool) -> Pool:
+    """Cycles until the stopping rule (or a budget) stops them; the last pool."""
+    if state.stopped and state.last_finished_cycle > 0:
+        pool = Pool.load(state.require(state.pool_path(state.last_finished_cycle), "pool file"))
     while not state.stopped:
         cycle = state.last_finished_cycle + 1
         reason = _reason_not_to_start(ctx, state, cycle)
@@ -82,16 +109,7 @@ def run_active_search(ctx: RunContext) -> SearchOutcome:
             state.stop(reason)
             break
         pool = _run_cycle(ctx, state, cycle)
-    if acfg.validate:
-        outcome = _validate(ctx, state, pool)
-        found, calls = outcome.target_found, outcome.oracle_calls_to_target
-    else:
-        found, calls = False, None
-    return SearchOutcome(
-        method=METHOD, n_candidates=len(pool),
-        target_found=found if ctx.target is not None else None,
-        oracle_calls_to_target=calls if found else None,
-    )
+    return pool
 
 
 def active_config(ctx: RunContext) -> ActiveConfig:
@@ -104,6 +122,8 @@ def active_config(ctx: RunContext) -> ActiveConfig:
         (acfg.stop_k >= 1 and acfg.stop_cycles >= 1, "active.stop_k and active.stop_cycles must be at least 1"),
         (acfg.max_cycles >= 0, "active.max_cycles must not be negative"),
         (0.0 <= acfg.stop_max_uncertain <= 1.0, "active.stop_max_uncertain is a fraction: give a value from 0 to 1"),
+        (acfg.confirm_tol is None or acfg.confirm_tol > 0, "active.confirm_tol must be positive (or left out to validate once)"),
+        (acfg.validation_rounds >= 1, "active.validation_rounds must be at least 1"),
         (acfg.training_pool_size >= 0 and acfg.per_spacegroup >= 0, "active pool sizes must not be negative"),
         (acfg.max_cycles == 0 or acfg.training_pool_size > 0 or acfg.label_from == "all",
          "active.training_pool_size is 0 but labels come from the training pool: set label_from = \"all\""),
@@ -157,7 +177,7 @@ def _label_phase(ctx: RunContext, state: ActiveState, cycle: int, selection: lis
     if not state.done(cycle, "labelled"):
         start = time.perf_counter()
         counts = label_batch(ctx, selection, cycle)
-        frames = training_frames(ctx, cycle)
+        frames = training_frames(ctx, cycle) + validation_frames(ctx, state, cycle)
         _write_frames(state.dataset_path, frames)
         pending.update(counts, dataset_size=len(frames), oracle_calls_total=ctx.oracle_calls)
         pending["wall_time_s"]["label"] = round(time.perf_counter() - start, 3)
@@ -399,19 +419,28 @@ def training_frames(ctx: RunContext, cycle: int) -> list[Atoms]:
     return frames
 
 
-def initial_frames(ctx: RunContext) -> list[Atoms]:
-    """Labelled frames of ``active.initial_dataset`` that pass the label checks."""
-    from xtalforge.errors import XtalforgeError
-    from xtalforge.oracles import OracleResult
-    from xtalforge.potentials.data import frame_labels, read_frames
+# Every VALIDATION_STRIDE-th geometry of an oracle relaxation (and its last) trains later cycles:
+# neighbouring steps are nearly the same structure and would outweigh the single-point labels.
+VALIDATION_STRIDE = 3
 
-    path = ctx.config.resolve_path(active_config(ctx).initial_dataset)
-    if path is None:
-        return []
-    try:
-        frames = read_frames(path)
-    except XtalforgeError as exc:
-        raise ConfigError(f"active.initial_dataset: {exc}") from None
+
+def validation_frames(ctx: RunContext, state: ActiveState, cycle: int) -> list[Atoms]:
+    """Physical frames of the oracle relaxations of validations before ``cycle`` (unconfirmed rounds)."""
+    frames = []
+    for check in state.validation_rounds:
+        if check["cycle"] >= cycle or check["confirmed"]:
+            continue
+        for path in sorted(_validation_dir(state, check["cycle"]).glob("*.traj")):
+            steps = read(path, ":")
+            frames.extend(steps[::VALIDATION_STRIDE] + ([steps[-1]] if (len(steps) - 1) % VALIDATION_STRIDE else []))
+    return physical_frames(ctx, frames)
+
+
+def physical_frames(ctx: RunContext, frames: list[Atoms]) -> list[Atoms]:
+    """The frames with energy and forces that pass the label checks."""
+    from xtalforge.oracles import OracleResult
+    from xtalforge.potentials.data import frame_labels
+
     kept = []
     for atoms in frames:
         labels = frame_labels(atoms)
@@ -421,6 +450,22 @@ def initial_frames(ctx: RunContext) -> list[Atoms]:
                               stress=None if labels.stress is None else full_3x3_to_voigt_6_stress(labels.stress))
         if label_problem(ctx, atoms, result) is None:
             kept.append(atoms)
+    return kept
+
+
+def initial_frames(ctx: RunContext) -> list[Atoms]:
+    """Labelled frames of ``active.initial_dataset`` that pass the label checks."""
+    from xtalforge.errors import XtalforgeError
+    from xtalforge.potentials.data import read_frames
+
+    path = ctx.config.resolve_path(active_config(ctx).initial_dataset)
+    if path is None:
+        return []
+    try:
+        frames = read_frames(path)
+    except XtalforgeError as exc:
+        raise ConfigError(f"active.initial_dataset: {exc}") from None
+    kept = physical_frames(ctx, frames)
     ctx.log.info("initial dataset %s: %d of %d frames usable", path, len(kept), len(frames))
     if not kept:
         raise ConfigError(f"active.initial_dataset {path} holds no physical frame with energy and forces: label it first")
@@ -598,15 +643,73 @@ def _distinct_low_member(pool: Pool, members: np.ndarray, best: int, window: flo
     return None
 
 
-def _validate(ctx: RunContext, state: ActiveState, pool: Pool):
+def _validate(ctx: RunContext, state: ActiveState, pool: Pool) -> ValidationOutcome:
+    """Validate the pool's proposed minima; the outcome covers every round of the run so far."""
+    cycle = state.last_finished_cycle
     tasks = validation_tasks(ctx, pool)
-    ctx.log.info("validating %d structures with the oracle: %s", len(tasks),
+    ctx.log.info("validating %d structures with the oracle after cycle %d: %s", len(tasks), cycle,
                  ", ".join(f"{t.key} ({t.reason}, {t.predicted_energy_per_atom:.4f})" for t in tasks))
-    outcome = validate_structures(ctx, tasks, method=METHOD, generation=state.last_finished_cycle)
-    state.validation = validation_table(outcome.records)
+    outcome = validate_structures(ctx, tasks, method=METHOD, generation=cycle,
+                                  trajectory_dir=_validation_dir(state, cycle))
+    every_round = ctx.store.records(stage=VALIDATION_STAGE, method=METHOD)
+    state.validation = validation_table(every_round)
     state.validation_done = outcome.stopped_early is None
+    check = confirmation(outcome.records, active_config(ctx).confirm_tol)
+    state.validation_rounds = [r for r in state.validation_rounds if r["cycle"] != cycle] + [
+        {"cycle": cycle, **check, "oracle_calls_total": ctx.oracle_calls}]
     state.save()
-    return outcome
+    combined = ValidationOutcome(records=every_round, stopped_early=outcome.stopped_early)
+    note_target(combined, every_round)
+    return combined
+
+
+def _validation_dir(state: ActiveState, cycle: int) -> Path:
+    return state.cycle_dir(cycle) / "validation"
+
+
+def confirmation(records: list[StructureRecord], tol: float | None) -> dict:
+    """Whether the oracle confirmed the ensemble's ground state: |lowest oracle − lowest predicted| <= tol.
+
+    Lowest over the validated structures. Far below the prediction: the ensemble has not
+    learnt the bottom of the landscape, and structures in deeper basins may sit unrecognised
+    high in the pool. Far above: its lowest minimum is spurious. Single clusters may still
+    disagree (the largest |Δ| is reported too): what the search answers is the ground state.
+    """
+    rows = [r for r in records if r.status == "ok" and r.ranking_energy is not None
+            and r.extra.get("predicted_energy_per_atom") is not None]
+    if not rows:
+        return {"delta_lowest_mev": None, "max_abs_delta_mev": None, "confirmed": tol is None}
+    delta = 1000.0 * (min(r.ranking_energy for r in rows) - min(r.extra["predicted_energy_per_atom"] for r in rows))
+    worst = max(abs(r.extra.get("delta_e_mev") or 0.0) for r in rows)
+    return {"delta_lowest_mev": round(delta, 2), "max_abs_delta_mev": round(worst, 2),
+            "confirmed": bool(tol is None or abs(delta) <= 1000.0 * tol)}
+
+
+def _another_round(ctx: RunContext, state: ActiveState, outcome: ValidationOutcome) -> bool:
+    """Whether an unconfirmed validation sends the search back to further cycles."""
+    acfg = active_config(ctx)
+    if acfg.confirm_tol is None:
+        return False
+    last = state.validation_rounds[-1]
+    why_not = None
+    if last["confirmed"]:
+        why_not = "confirmed"
+    elif outcome.stopped_early is not None:
+        why_not = f"validation stopped early ({outcome.stopped_early})"
+    elif len(state.validation_rounds) >= acfg.validation_rounds:
+        why_not = f"{acfg.validation_rounds} validation rounds done"
+    elif outcome.target_found and ctx.config.search.stop_at_target and ctx.target is not None:
+        why_not = "target found"
+    elif (reason := _reason_not_to_start(ctx, state, state.last_finished_cycle + 1)) is not None:
+        why_not = reason
+    if why_not is not None:
+        ctx.log.info("validation after cycle %d: lowest oracle - lowest predicted energy %s meV/atom; no further round: %s",
+                     last["cycle"], last["delta_lowest_mev"], why_not)
+        return False
+    ctx.log.info("validation after cycle %d not confirmed (lowest oracle - lowest predicted energy %s meV/atom, "
+                 "beyond ±%g): its oracle relaxations join the training set and the cycles go on",
+                 last["cycle"], last["delta_lowest_mev"], 1000.0 * acfg.confirm_tol)
+    return True
 
 
 def validation_table(records: list[StructureRecord]) -> list[dict]:
@@ -621,6 +724,7 @@ def validation_table(records: list[StructureRecord]) -> list[dict]:
             duplicate = dedupe.add(record.atoms, record.ranking_energy, record.candidate)
         rows.append({
             "pool_index": record.candidate,
+            "after_cycle": record.generation,
             "reason": record.extra.get("reason"),
             "cluster": record.extra.get("cluster"),
             "predicted_energy_per_atom": record.extra.get("predicted_energy_per_atom"),

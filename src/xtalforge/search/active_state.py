@@ -8,6 +8,8 @@ Everything lives under ``run_dir/active/``::
     cycle_001/selection.extxyz the perturbed structures chosen for labelling
     cycle_001/model.pt         the ensemble trained in this cycle
     cycle_001/pool.npz         the pool after relaxation with that ensemble
+    cycle_004/validation/*.traj oracle relaxations of a validation after cycle 4 (training data
+                               of later cycles when the validation did not confirm the minima)
     ...
 
 and ``run_dir/cycles.json`` holds one summary per finished cycle plus the
@@ -69,6 +71,7 @@ class ActiveState:
     validation_done: bool = False
     cycles: list[dict] = field(default_factory=list)  # CycleSummary dicts of finished cycles
     validation: list[dict] = field(default_factory=list)  # rows of the validated-minima table
+    validation_rounds: list[dict] = field(default_factory=list)  # one confirmation check per validation
     pending: dict = field(default_factory=dict)  # summary fields of the cycle in progress
 
     # -- paths -----------------------------------------------------------------
@@ -122,6 +125,11 @@ class ActiveState:
         self.stopped, self.stop_reason = True, reason
         self.save()
 
+    def reopen(self) -> None:
+        """Go on with further cycles after a validation that did not confirm the minima."""
+        self.stopped, self.stop_reason, self.validation_done = False, None, False
+        self.save()
+
     @property
     def last_finished_cycle(self) -> int:
         return self.cycle if self.phase == "evaluated" else self.cycle - 1
@@ -133,7 +141,7 @@ class ActiveState:
         write_json_atomic(self.path, data)
         write_json_atomic(self.run_dir / CYCLES_NAME, {
             "cycles": self.cycles, "stopped": self.stopped, "stop_reason": self.stop_reason,
-            "validation": self.validation,
+            "validation": self.validation, "validation_rounds": self.validation_rounds,
         })
 
     @classmethod

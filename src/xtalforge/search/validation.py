@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ase import Atoms
 from tqdm.auto import tqdm
@@ -49,13 +50,21 @@ def validate_structures(
     method: str,
     generation: int | None = None,
     max_oracle_calls: int | None = None,
+    trajectory_dir: Path | None = None,
 ) -> ValidationOutcome:
-    """Relax each task's structure with the oracle and store the result."""
+    """Relax each task's structure with the oracle and store the result.
+
+    With ``generation``, only validations of that generation count as already done
+    (a strategy may validate the same candidate again in a later generation).
+    ``trajectory_dir`` receives each relaxation's evaluated geometries with their
+    oracle values as ``KEY.traj``.
+    """
     cfg = ctx.config
     budget = max_oracle_calls if max_oracle_calls is not None else cfg.search.max_oracle_calls
-    previous = {r.candidate: r for r in ctx.store.records(stage=STAGE, method=method)}
+    previous = {r.candidate: r for r in ctx.store.records(stage=STAGE, method=method)
+                if generation is None or r.generation == generation}
     outcome = ValidationOutcome(records=[])
-    _note_target(outcome, previous.values())
+    note_target(outcome, previous.values())
     bar = tqdm(tasks, desc="oracle validation", unit="structure",
                disable=not ctx.progress or len(tasks) < 2 or not sys.stderr.isatty())
     for task in bar:
@@ -69,15 +78,20 @@ def validate_structures(
             outcome.stopped_early = "budget"
             ctx.log.info("validation stopped: oracle budget of %d calls reached", budget)
             break
-        record = validate_one(ctx, task, method=method, generation=generation)
+        trajectory = None
+        if trajectory_dir is not None:
+            Path(trajectory_dir).mkdir(parents=True, exist_ok=True)
+            trajectory = Path(trajectory_dir) / f"{task.key}.traj"
+        record = validate_one(ctx, task, method=method, generation=generation, trajectory=trajectory)
         ctx.store.add(record)
         outcome.records.append(record)
-        _note_target(outcome, [record])
+        note_target(outcome, [record])
     bar.close()
     return outcome
 
 
-def validate_one(ctx: RunContext, task: ValidationTask, *, method: str, generation: int | None = None) -> StructureRecord:
+def validate_one(ctx: RunContext, task: ValidationTask, *, method: str, generation: int | None = None,
+                 trajectory: Path | None = None) -> StructureRecord:
     """Oracle relaxation of one task (not stored); the record says how it went."""
     from xtalforge.dynamics import relax_structure
     from xtalforge.similarity import matches, spacegroup
@@ -86,7 +100,7 @@ def validate_one(ctx: RunContext, task: ValidationTask, *, method: str, generati
     calls_start = ctx.oracle.calls
     result = relax_structure(
         task.atoms, ctx.oracle.calculator, cfg.relax, pressure_gpa=cfg.pressure_gpa, validation=True,
-        min_distances=ctx.constraints.min_distance_matrix(task.atoms.numbers),
+        min_distances=ctx.constraints.min_distance_matrix(task.atoms.numbers), trajectory=trajectory,
     )
     ok = result.status != "failed"
     sg = spacegroup(result.atoms) if ok else None
@@ -111,7 +125,8 @@ def validate_one(ctx: RunContext, task: ValidationTask, *, method: str, generati
     )
 
 
-def _note_target(outcome: ValidationOutcome, records) -> None:
+def note_target(outcome: ValidationOutcome, records) -> None:
+    """Mark ``outcome`` as having found the target when one of ``records`` matches it (fewest calls)."""
     for record in records:
         if record.status == "ok" and record.extra.get("matches_target"):
             calls = record.oracle_calls_total
