@@ -10,11 +10,20 @@ For each system, at reduced scale:
      200 meV/atom of the lowest (seed 000 reports r = 0.77-0.98), the polymorph order,
      and the descriptor-space coverage (seed 000 Figs. 2 and 3) as PNGs.
 For Si also: the scale-up check (trained on 32-atom cells, tested on a 64-atom run), a
-reference network with the default symmetry functions, and on-the-fly sampling: a sweep of
-uncertainty thresholds, each run's frames training an NNP exactly as the plain frames did,
-errors on the same independent 64-atom run against oracle calls, and the oracle calls saved
-by the cheapest setting that matches the plain NNP's accuracy (EQUAL_ACCURACY_FACTOR), or
-none. Every training is epoch-capped, so the figures do not depend on machine load.
+reference network with the default symmetry functions, and the oracle calls on-the-fly
+sampling saves at equal NNP accuracy:
+  * the plain protocol (oracle MD) at 1/8, 1/4, 1/2 and 1 times its length gives a plain
+    calls-vs-accuracy curve; on-the-fly runs of the same schedule sweep the uncertainty
+    threshold; every frame set trains an NNP with the same settings;
+  * test sets: 64-atom oracle runs with the liquid at 1000, 1500 and 2000 K, each with its own
+    volume adjustment, quench and anneal (pooled for the verdict), and the earlier run at the
+    full plain run's T_m (which favours the plain run: the on-the-fly runs find another T_m);
+  * for each on-the-fly NNP and metric (energy and force RMSE, whole runs and their equilibrated
+    part), the calls the plain curve needs to be as accurate (linear in log calls between its
+    points); the max over metrics minus the on-the-fly calls are the calls saved, for each of
+    two MD seeds and their mean; also the earlier strict verdict against the full plain run
+    (EQUAL_ACCURACY_FACTOR).
+Every training is epoch-capped, so the figures do not depend on machine load.
 Systems not rerun keep their earlier section in the results file, with that run's date.
 
     python benchmarks/meltquench_acceptance.py [--systems si mg2sio4] [--work DIR]
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import sys
 import tempfile
@@ -83,6 +93,37 @@ def si_large_protocol(melting_temperature_K: float) -> dict:
                 melt_search_min_K=melting_temperature_K, melt_search_ps=0.2, volume_max_iterations=1,
                 liquid_ps=0.4, quench_rate_K_per_ps=1000.0, anneal_ps=0.4,
                 keep_phases=["superheat", "liquid", "quench", "anneal"])
+
+
+def si_fixed_temperature_protocol(temperature_K: float) -> dict:
+    """The 64-atom test protocol with the liquid at ``temperature_K`` whatever its MSD says (a threshold of
+    -1e9 Å²/ps makes the one-temperature melt search count as liquid): a test set tied to no run's T_m.
+    Up to four volume iterations: with two, the secant step on 0.3 ps pressures once overshot to a
+    liquid at +16 GPa (1500 K)."""
+    return dict(si_large_protocol(temperature_K), liquid_msd_slope=-1e9, volume_max_iterations=4)
+
+
+# The plain curve: the plain protocol at these fractions of SI_PROTOCOL's length.
+PLAIN_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+SCALED_PHASES = ("superheat_ps", "melt_search_ps", "volume_ps", "liquid_ps", "anneal_ps")
+
+
+def scaled_protocol(fraction: float) -> dict:
+    """SI_PROTOCOL with every phase ``fraction`` times as long, the quench too (through its rate); same temperatures."""
+    return dict(SI_PROTOCOL, **{key: SI_PROTOCOL[key] * fraction for key in SCALED_PHASES},
+                quench_rate_K_per_ps=SI_PROTOCOL["quench_rate_K_per_ps"] / fraction)
+
+
+# MD seeds of the plain curve and the on-the-fly runs: the first runs the whole threshold sweep,
+# the second repeats the plain curve and SECOND_SEED_SWEEP.
+MD_SEEDS = (11, 13)
+SECOND_SEED_SWEEP = ("U>0.05",)
+# Test sets (64 atoms): the earlier one at the full plain run's T_m (1000 K for seed 11, while the
+# on-the-fly runs found 1500 K), and runs with the liquid at fixed temperatures {T: MD seed}, pooled
+# for the verdict.
+OLD_TEST_SET, OLD_TEST_SEED = "at_plain_T_m", 12
+TEST_TEMPERATURES_K = {1000.0: 41, 1500.0: 42, 2000.0: 43}
+VERDICT_TEST_SET = "fixed_T_pooled"
 
 
 # SevenNet-0 on CPU takes ~0.2 s per step of 14 atoms: about 1400 steps, a frame every 10 fs.
@@ -217,21 +258,14 @@ def run_si(work: Path) -> dict:
     oracle = build_oracle(OracleConfig(name="sw"))
     composition = Composition.parse("Si")
     log("Si: melt-quench with Stillinger-Weber, 32 atoms")
-    plain = run_meltquench(composition, MeltQuenchConfig(**SI_PROTOCOL), oracle, work / "si_plain", seed=11)
+    plain = plain_run(composition, 1.0, MD_SEEDS[0], work)
     log(f"  {summary(plain.report)}")
     # Every tenth frame is held out: the small-cell side of the scale-up check.
     holdout = plain.frames[::10]
-    plain_training = [f for i, f in enumerate(plain.frames) if i % 10]
-    model = train(plain_training, SI_POTENTIAL, seed=0, what="NNP")
+    plain_training = plain_training_frames(plain.frames)
 
-    log("Si: independent 64-atom run (scale-up and on-the-fly test set)")
-    large_settings = MeltQuenchConfig(**si_large_protocol(plain.report["melting_temperature_K"]))
-    large = run_meltquench(composition, large_settings, build_oracle(OracleConfig(name="sw")), work / "si_large",
-                           seed=12)
-    log(f"  {summary(large.report)}")
-    scale_up = scale_up_report(model, holdout, large.frames)
-    log(f"  scale-up: energy RMSE {scale_up['small']['energy_rmse_mev_atom']:.1f} (32 atoms, held out) -> "
-        f"{scale_up['large']['energy_rmse_mev_atom']:.1f} meV/atom (64 atoms)")
+    log("Si: independent 64-atom test runs")
+    test_sets, test_set_info = si_test_sets(composition, plain.report["melting_temperature_K"], work)
 
     log("Si: test structures relaxed with the oracle")
     polymorph_files = {"diamond": "Si_diamond_Fd-3m", "lonsdaleite": "Si_lonsdaleite_P63mmc", "BC8": "Si_BC8_Ia-3",
@@ -241,6 +275,19 @@ def run_si(work: Path) -> dict:
     randoms = random_structures("Si8", 12, seed=3) + random_structures("Si16", 8, seed=4)
     tests, _ = relaxed(structures + randoms, oracle, names + [f"random-{i}" for i in range(len(randoms))],
                        RelaxConfig(max_steps=400, fmax=0.02, smax_gpa=0.2))
+
+    log("Si: plain protocol at full length and shorter (the plain calls-vs-accuracy curve)")
+    curves, models = {}, {}
+    for seed in MD_SEEDS:
+        curves[seed] = []
+        for fraction in PLAIN_FRACTIONS:
+            run = plain_run(composition, fraction, seed, work)
+            point, models[seed, fraction] = plain_point(run, fraction, seed, test_sets, tests)
+            curves[seed].append(point)
+    model = models[MD_SEEDS[0], 1.0]
+    scale_up = scale_up_report(model, holdout, test_sets[OLD_TEST_SET])
+    log(f"  scale-up: energy RMSE {scale_up['small']['energy_rmse_mev_atom']:.1f} (32 atoms, held out) -> "
+        f"{scale_up['large']['energy_rmse_mev_atom']:.1f} meV/atom (64 atoms)")
     result = assess("Si", plain.frames, tests, model, SI_POLYMORPHS)
     result["ranking_ok"] = si_ranking_ok(result)
 
@@ -251,22 +298,27 @@ def run_si(work: Path) -> dict:
     default_descriptor = {
         "potential": "PotentialConfig defaults (6 Å, radial Gaussians centred at 0), same epoch caps, 1 network",
         "nnp_validation": _floats(default_model.metrics),
-        **test_accuracy(default_model, large.frames),
+        "accuracy": accuracy_on(default_model, test_sets),
         **polymorph_summary(default_model, tests),
     }
 
     log("Si: on-the-fly sampling of the same protocol, uncertainty-threshold sweep")
-    plain_point = {"oracle_calls": plain.report["oracle_calls"], "training_frames": len(plain_training),
-                   **test_accuracy(model, large.frames), **polymorph_summary(model, tests)}
-    runs = {label: onthefly_point(composition, settings, work / f"si_otf_{slug(label)}", large.frames, tests)
-            for label, settings in ONTHEFLY_SWEEP.items()}
-    sweep = {label: point for label, (point, _, _) in runs.items()}
-    onthefly = onthefly_summary(plain_point, sweep)
-    plot_calls_vs_accuracy(plain_point, sweep, FIGURES / "Si_onthefly_calls_vs_rmse.png")
-    # Correlation and coverage figures for the cheapest setting at equal accuracy, else the one labelling most.
-    shown = onthefly["cheapest_equal_setting"] or max(sweep, key=lambda label: sweep[label]["oracle_calls"])
-    _, otf_frames, otf_model = runs[shown]
-    onthefly["figures_setting"] = shown
+    sweeps, otf_runs = {}, {}
+    for seed in MD_SEEDS:
+        labels = ONTHEFLY_SWEEP if seed == MD_SEEDS[0] else SECOND_SEED_SWEEP
+        sweeps[seed] = {}
+        for label in labels:
+            point, frames, otf_model = onthefly_point(composition, ONTHEFLY_SWEEP[label], seed,
+                                                      work / f"si_otf_seed{seed}_{slug(label)}", test_sets, tests)
+            sweeps[seed][label], otf_runs[seed, label] = point, (frames, otf_model)
+    onthefly = onthefly_summary(curves, sweeps, test_set_info)
+    for test_set, suffix in ((VERDICT_TEST_SET, ""), (OLD_TEST_SET, "_old_test_set")):
+        plot_calls_vs_accuracy(curves, sweeps, test_set, FIGURES / f"Si_onthefly_calls_vs_rmse{suffix}.png")
+    # Correlation and coverage figures for the first seed's setting that saves the most calls at equal accuracy.
+    first = onthefly["calls_saved_at_equal_accuracy"][seed_key(MD_SEEDS[0])]
+    shown = max(first, key=lambda label: first[label][VERDICT_TEST_SET]["calls_saved"])
+    otf_frames, otf_model = otf_runs[MD_SEEDS[0], shown]
+    onthefly["figures_setting"] = f"{seed_key(MD_SEEDS[0])}, {shown}"
     assess("Si_onthefly", otf_frames, tests, otf_model, SI_POLYMORPHS)
     return {
         "oracle": "sw",
@@ -306,33 +358,53 @@ def polymorph_summary(model, tests: list[Atoms]) -> dict:
     }
 
 
-def onthefly_point(composition, settings: OnTheFlyConfig, out: Path, test_frames: list[Atoms],
-                   tests: list[Atoms]) -> tuple[dict, list[Atoms], object]:
-    """One on-the-fly run; its frames train an NNP exactly as the plain frames did: figures, frames, NNP."""
-    log(f"  on-the-fly, uncertainty threshold {settings.uncertainty_threshold}")
-    oracle = build_oracle(OracleConfig(name="sw"))
-    labeller = OnTheFlyLabeller(oracle, settings, potential=ONTHEFLY_POTENTIAL, seed=5)
-    run = run_meltquench(composition, MeltQuenchConfig(**SI_PROTOCOL), oracle, out, seed=11, labeller=labeller)
-    log(f"    {summary(run.report)}")
-    model = train(run.frames, SI_POTENTIAL, seed=0, what="NNP on the on-the-fly set")
-    accuracy = test_accuracy(model, test_frames)
-    for part, metrics in accuracy.items():
-        log(f"    {part}: energy RMSE {metrics['energy_rmse_mev_atom']:.1f} meV/atom, "
-            f"force RMSE {metrics['force_rmse_ev_a']:.3f} eV/Å")
-    return {
-        "settings": asdict(settings),
-        "oracle_calls": run.report["oracle_calls"],
-        "training_frames": len(run.frames),
-        "n_frames": run.report["n_frames"],
-        "melting_temperature_K": run.report["melting_temperature_K"],
-        "volume_per_atom": run.report["volume_per_atom"],
-        **accuracy,
-        **polymorph_summary(model, tests),
-        "counters": {k: v for k, v in run.report["labeller"].items() if k != "settings"},
-    }, run.frames, model
+# -- test sets ------------------------------------------------------------------------
+
+
+def si_test_sets(composition, plain_melting_K: float, work: Path) -> tuple[dict[str, list[Atoms]], dict]:
+    """The 64-atom test runs (frames by name) and what each is.
+
+    OLD_TEST_SET runs at the full plain run's T_m; the fixed-temperature runs (and their
+    pool, VERDICT_TEST_SET) are tied to neither protocol's T_m.
+    """
+    runs = {OLD_TEST_SET: (si_large_protocol(plain_melting_K), OLD_TEST_SEED)}
+    runs.update({fixed_test_set(t): (si_fixed_temperature_protocol(t), seed) for t, seed in TEST_TEMPERATURES_K.items()})
+    frames, info = {}, {}
+    for name, (protocol, seed) in runs.items():
+        run = run_meltquench(composition, MeltQuenchConfig(**protocol), build_oracle(OracleConfig(name="sw")),
+                             work / f"si_test_{name}", seed=seed)
+        log(f"  {name}: {summary(run.report)}")
+        frames[name] = run.frames
+        liquid = next(seg for seg in run.report["segments"] if seg["phase"] == "liquid")
+        info[name] = {"liquid_K": run.report["melting_temperature_K"], "volume_per_atom": run.report["volume_per_atom"],
+                      "pressure_converged": run.report["pressure_converged"],
+                      "liquid_mean_pressure_gpa": liquid["mean_pressure_gpa"], "md_seed": seed,
+                      "oracle_calls": run.report["oracle_calls"], **_frame_counts(run.frames)}
+    info[OLD_TEST_SET]["description"] = "64 atoms, liquid at the full plain run's T_m (the test set of earlier runs)"
+    frames[VERDICT_TEST_SET] = [f for t in TEST_TEMPERATURES_K for f in frames[fixed_test_set(t)]]
+    info[VERDICT_TEST_SET] = {
+        "description": "the fixed-temperature 64-atom runs pooled: liquid at "
+                       f"{', '.join(f'{t:g}' for t in TEST_TEMPERATURES_K)} K, each with its own volume "
+                       "adjustment (up to 4 iterations), quench (1000 K/ps) and anneal",
+        **_frame_counts(frames[VERDICT_TEST_SET]),
+    }
+    return frames, info
+
+
+def fixed_test_set(temperature_K: float) -> str:
+    return f"liquid_{temperature_K:g}K"
+
+
+def _frame_counts(frames: list[Atoms]) -> dict:
+    return {"n_frames": len(frames), "n_equilibrated": sum(f.info.get("phase") != "superheat" for f in frames)}
+
+
+def accuracy_on(model, test_sets: dict[str, list[Atoms]]) -> dict:
+    return {name: test_accuracy(model, frames) for name, frames in test_sets.items()}
 
 
 ACCURACY_METRICS = ("energy_rmse_mev_atom", "force_rmse_ev_a")
+PARTS = ("test", "test_equilibrated")
 
 
 def test_accuracy(model, frames: list[Atoms]) -> dict:
@@ -342,59 +414,221 @@ def test_accuracy(model, frames: list[Atoms]) -> dict:
     return {"test": _accuracy(evaluate(model, frames)), "test_equilibrated": _accuracy(evaluate(model, equilibrated))}
 
 
-def onthefly_summary(plain: dict, sweep: dict) -> dict:
-    """The equal-accuracy verdict: the cheapest setting within EQUAL_ACCURACY_FACTOR of the plain NNP."""
-    parts = ("test", "test_equilibrated")
-    limits = {part: {m: EQUAL_ACCURACY_FACTOR * plain[part][m] for m in ACCURACY_METRICS} for part in parts}
-    within = {label: {part: {m: bool(point[part][m] <= limits[part][m]) for m in ACCURACY_METRICS} for part in parts}
-              for label, point in sweep.items()}
+# -- the plain curve and the on-the-fly points ----------------------------------------
+
+
+def plain_run(composition, fraction: float, seed: int, work: Path):
+    """The plain protocol at ``fraction`` of SI_PROTOCOL's length (resumed, or returned as is, if already run)."""
+    return run_meltquench(composition, MeltQuenchConfig(**scaled_protocol(fraction)),
+                          build_oracle(OracleConfig(name="sw")), work / f"si_plain_seed{seed}_f{fraction:g}", seed=seed)
+
+
+def plain_training_frames(frames: list[Atoms]) -> list[Atoms]:
+    """Every tenth frame held out, as for the full plain NNP."""
+    return [f for i, f in enumerate(frames) if i % 10]
+
+
+def plain_point(run, fraction: float, seed: int, test_sets: dict, tests: list[Atoms]) -> tuple[dict, object]:
+    """One point of the plain curve: its frames train an NNP exactly as the full run's did."""
+    log(f"  plain protocol, seed {seed}, {fraction:g} x length: {summary(run.report)}")
+    training = plain_training_frames(run.frames)
+    point, model = trained_point(run, training, seed, test_sets, tests, f"NNP (plain, {fraction:g} x)")
+    point = {"fraction": fraction, **point}
+    log_accuracy(point)
+    return point, model
+
+
+def trained_point(run, training: list[Atoms], seed: int, test_sets: dict, tests: list[Atoms], what: str):
+    """An NNP trained on ``training`` (from ``run``) and its figures on the test sets and polymorphs."""
+    started = time.perf_counter()
+    model = train(training, SI_POTENTIAL, seed=0, what=what)
+    point = {
+        "md_seed": seed,
+        "oracle_calls": run.report["oracle_calls"],
+        "training_frames": len(training),
+        "n_frames": run.report["n_frames"],
+        "melting_temperature_K": run.report["melting_temperature_K"],
+        "volume_per_atom": run.report["volume_per_atom"],
+        "md_wall_time_s": run.report["wall_time_s"],
+        "training_wall_time_s": round(time.perf_counter() - started, 1),
+        "accuracy": accuracy_on(model, test_sets),
+        **polymorph_summary(model, tests),
+    }
+    return point, model
+
+
+def onthefly_point(composition, settings: OnTheFlyConfig, seed: int, out: Path, test_sets: dict,
+                   tests: list[Atoms]) -> tuple[dict, list[Atoms], object]:
+    """One on-the-fly run; its frames train an NNP exactly as the plain frames did: figures, frames, NNP."""
+    log(f"  on-the-fly, seed {seed}, uncertainty threshold {settings.uncertainty_threshold}")
+    oracle = build_oracle(OracleConfig(name="sw"))
+    labeller = OnTheFlyLabeller(oracle, settings, potential=ONTHEFLY_POTENTIAL, seed=5)
+    run = run_meltquench(composition, MeltQuenchConfig(**SI_PROTOCOL), oracle, out, seed=seed, labeller=labeller)
+    log(f"    {summary(run.report)}")
+    point, model = trained_point(run, run.frames, seed, test_sets, tests, "NNP on the on-the-fly set")
+    point = {"settings": asdict(settings), **point,
+             "counters": {k: v for k, v in run.report["labeller"].items() if k != "settings"}}
+    log_accuracy(point)
+    return point, run.frames, model
+
+
+def log_accuracy(point: dict) -> None:
+    for name in (OLD_TEST_SET, VERDICT_TEST_SET):
+        metrics = point["accuracy"][name]
+        log(f"    {name}: " + "; ".join(
+            f"{part} E {metrics[part]['energy_rmse_mev_atom']:.1f} meV/atom, F {metrics[part]['force_rmse_ev_a']:.3f} eV/Å"
+            for part in PARTS))
+
+
+# -- equal accuracy -------------------------------------------------------------------
+
+
+def plain_calls_needed(curve: list[tuple[int, float]], target: float) -> dict:
+    """Oracle calls the plain curve ((calls, RMSE) points) needs to reach ``target``: its first
+    crossing, linear in log(calls).
+
+    bound "at_most": even the shortest plain run is that accurate; "more_than": not even the
+    full run is, the figure is the full run's calls.
+    """
+    points = sorted(curve)
+    if points[0][1] <= target:
+        return {"plain_calls": points[0][0], "bound": "at_most"}
+    for (calls_0, rmse_0), (calls_1, rmse_1) in itertools.pairwise(points):
+        if rmse_1 <= target:  # rmse_0 > target: every earlier point missed it
+            share = (rmse_0 - target) / (rmse_0 - rmse_1)
+            calls = np.exp(np.log(calls_0) + share * (np.log(calls_1) - np.log(calls_0)))
+            return {"plain_calls": round(float(calls)), "bound": "interpolated", "between_plain_calls": [calls_0, calls_1]}
+    return {"plain_calls": points[-1][0], "bound": "more_than"}
+
+
+def calls_saved(curve: list[dict], point: dict, test_set: str) -> dict:
+    """Calls the plain curve needs to match ``point`` on every metric, minus ``point``'s calls."""
+    per_metric = {}
+    for part in PARTS:
+        for metric in ACCURACY_METRICS:
+            target = point["accuracy"][test_set][part][metric]
+            plain = [(p["oracle_calls"], p["accuracy"][test_set][part][metric]) for p in curve]
+            needed = plain_calls_needed(plain, target)
+            per_metric[f"{part}.{metric}"] = {"on_the_fly": target, **needed,
+                                              "calls_saved": needed["plain_calls"] - point["oracle_calls"]}
+    bounds = [m["bound"] for m in per_metric.values()]
+    bound = "more_than" if "more_than" in bounds else "at_most" if set(bounds) == {"at_most"} else "interpolated"
+    plain_calls = max(m["plain_calls"] for m in per_metric.values())
+    limiting = [key for key, m in per_metric.items() if m["plain_calls"] == plain_calls]
+    saved = plain_calls - point["oracle_calls"]
+    words = {"more_than": "more than", "at_most": "at most", "interpolated": ""}[bound]
+    return {
+        "on_the_fly_calls": point["oracle_calls"],
+        "plain_calls_all_metrics": plain_calls,
+        "bound": bound,
+        "calls_saved": saved,
+        "limiting_metrics": limiting,
+        "reading": f"plain protocol needs {words} {plain_calls} calls to match on all metrics: "
+                   f"on-the-fly ({point['oracle_calls']} calls) saves {words} {saved}".replace("  ", " "),
+        "per_metric": per_metric,
+    }
+
+
+def mean_point(points: list[dict]) -> dict:
+    """Oracle calls and RMSEs averaged over points (seeds)."""
+    first = points[0]["accuracy"]
+    return {
+        "oracle_calls": round(float(np.mean([p["oracle_calls"] for p in points]))),
+        "accuracy": {name: {part: {m: round(float(np.mean([p["accuracy"][name][part][m] for p in points])), 4)
+                                   for m in ACCURACY_METRICS} for part in PARTS} for name in first},
+    }
+
+
+def seed_key(seed: int) -> str:
+    return f"seed {seed}"
+
+
+def onthefly_summary(curves: dict, sweeps: dict, test_set_info: dict) -> dict:
+    """Calls saved at equal accuracy per seed, setting and test set; the strict verdict against the full run."""
+    test_sets = list(test_set_info)
+    saved = {seed_key(seed): {label: {name: calls_saved(curves[seed], point, name) for name in test_sets}
+                              for label, point in sweeps[seed].items()} for seed in MD_SEEDS}
+    both = [label for label in sweeps[MD_SEEDS[0]] if all(label in sweeps[seed] for seed in MD_SEEDS)]
+    mean_curve = [mean_point([curves[seed][i] for seed in MD_SEEDS]) for i in range(len(PLAIN_FRACTIONS))]
+    saved["mean over seeds"] = {
+        label: {name: calls_saved(mean_curve, mean_point([sweeps[seed][label] for seed in MD_SEEDS]), name)
+                for name in test_sets} for label in both}
+    headline = {group: {label: by_set[VERDICT_TEST_SET]["reading"] for label, by_set in by_label.items()}
+                for group, by_label in saved.items()}
+    for group, by_label in headline.items():
+        for label, reading in by_label.items():
+            log(f"  {group}, {label}: {reading}")
+    full = {seed: next(p for p in curves[seed] if p["fraction"] == 1.0) for seed in MD_SEEDS}
+    return {
+        "test_sets": test_set_info,
+        "verdict_test_set": VERDICT_TEST_SET,
+        "equal_accuracy_criterion": (
+            "for each on-the-fly NNP and each metric (energy and force RMSE on the whole test runs and on their "
+            "equilibrated part: liquid, quench, anneal), the oracle calls the plain curve (same MD seed; "
+            f"fractions {list(PLAIN_FRACTIONS)} of the protocol's length) needs to be as accurate: first crossing, "
+            "linear in log(calls) between plain points; the max over metrics minus the on-the-fly calls are the "
+            "calls saved at equal accuracy. bound 'more_than': even the full plain run is less accurate; "
+            "'at_most': even the shortest plain run is as accurate. Same training settings for every NNP."),
+        "headline": headline,
+        "plain_curve": {seed_key(seed): curve for seed, curve in curves.items()},
+        "sweep": {seed_key(seed): sweep for seed, sweep in sweeps.items()},
+        "calls_saved_at_equal_accuracy": saved,
+        "strict_verdict_vs_full_run": {
+            name: strict_verdict(full[MD_SEEDS[0]], sweeps[MD_SEEDS[0]], name) for name in (OLD_TEST_SET, VERDICT_TEST_SET)},
+    }
+
+
+def strict_verdict(plain: dict, sweep: dict, test_set: str) -> dict:
+    """The earlier verdict: the cheapest setting within EQUAL_ACCURACY_FACTOR of the full plain NNP."""
+    limits = {part: {m: EQUAL_ACCURACY_FACTOR * plain["accuracy"][test_set][part][m] for m in ACCURACY_METRICS}
+              for part in PARTS}
+    within = {label: {part: {m: bool(point["accuracy"][test_set][part][m] <= limits[part][m])
+                             for m in ACCURACY_METRICS} for part in PARTS} for label, point in sweep.items()}
     equal = {label: all(ok for by_metric in checks.values() for ok in by_metric.values())
              for label, checks in within.items()}
     matching = sorted((point["oracle_calls"], label) for label, point in sweep.items() if equal[label])
-    verdict = {
-        "criterion": (f"energy RMSE and force RMSE both <= {EQUAL_ACCURACY_FACTOR:g} x the plain NNP's, on the "
-                      "whole 64-atom test run and on its equilibrated part (liquid, quench, anneal); same "
-                      "training settings for every NNP"),
+    log(f"  strict verdict on {test_set}: equal accuracy {equal}")
+    return {
+        "criterion": (f"energy RMSE and force RMSE both <= {EQUAL_ACCURACY_FACTOR:g} x the full plain NNP's, on the "
+                      "whole test runs and on their equilibrated part; first MD seed"),
+        "plain_oracle_calls": plain["oracle_calls"],
         "limits": {part: {m: round(v, 4) for m, v in by_metric.items()} for part, by_metric in limits.items()},
         "within_limits": within,
         "equal_accuracy": equal,
         "cheapest_equal_setting": matching[0][1] if matching else None,
         "oracle_calls_saved_at_equal_accuracy": plain["oracle_calls"] - matching[0][0] if matching else None,
-        "oracle_call_ratio_at_equal_accuracy": round(matching[0][0] / plain["oracle_calls"], 4) if matching else None,
-    }
-    log(f"  within limits: {within}")
-    log(f"  equal accuracy: {equal}; oracle calls saved: {verdict['oracle_calls_saved_at_equal_accuracy']}")
-    return {
-        "test_set": "independent 64-atom Si run (superheat, liquid at the same T_m, quench, anneal)",
-        "plain": plain,
-        "sweep": sweep,
-        **verdict,
     }
 
 
-def plot_calls_vs_accuracy(plain: dict, sweep: dict, path: Path) -> None:
-    """Test RMSE against oracle calls: the plain point, the on-the-fly sweep, the equal-accuracy band."""
+def plot_calls_vs_accuracy(curves: dict, sweeps: dict, test_set: str, path: Path) -> None:
+    """Test RMSE against oracle calls on ``test_set``: the plain curve and the on-the-fly points, per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
-    fig, axes = plt.subplots(2, 2, figsize=(8.0, 6.0), sharex=True)
-    parts = {"test": "whole run", "test_equilibrated": "liquid, quench, anneal"}
+    plain_colours, otf_colours = ("tab:red", "salmon"), ("tab:blue", "lightskyblue")
+    fig, axes = plt.subplots(2, 2, figsize=(8.5, 6.5), sharex=True)
+    parts = {"test": "whole runs", "test_equilibrated": "liquid, quench, anneal"}
     for row, (part, title) in zip(axes, parts.items()):
         for ax, metric, unit in zip(row, ACCURACY_METRICS, ("meV/atom", "eV/Å")):
-            ax.axhspan(0, EQUAL_ACCURACY_FACTOR * plain[part][metric], color="tab:red", alpha=0.08, lw=0)
-            ax.scatter([plain["oracle_calls"]], [plain[part][metric]], s=50, marker="s", color="tab:red",
-                       label="plain protocol", zorder=3)
-            points = sorted(sweep.items(), key=lambda item: item[1]["oracle_calls"])
-            ax.plot([p["oracle_calls"] for _, p in points], [p[part][metric] for _, p in points], "o-",
-                    color="tab:blue", label="on-the-fly")
-            for label, point in points:
-                ax.annotate(label, (point["oracle_calls"], point[part][metric]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7)
+            for seed, plain_colour, otf_colour in zip(MD_SEEDS, plain_colours, otf_colours):
+                curve = sorted(curves[seed], key=lambda p: p["oracle_calls"])
+                ax.plot([p["oracle_calls"] for p in curve], [p["accuracy"][test_set][part][metric] for p in curve],
+                        "s-", color=plain_colour, ms=5, label=f"plain, {seed_key(seed)}")
+                points = sorted(sweeps[seed].items(), key=lambda item: item[1]["oracle_calls"])
+                ax.plot([p["oracle_calls"] for _, p in points], [p["accuracy"][test_set][part][metric] for _, p in points],
+                        "o", color=otf_colour, ms=6, label=f"on-the-fly, {seed_key(seed)}")
+                for label, point in points:
+                    ax.annotate(label, (point["oracle_calls"], point["accuracy"][test_set][part][metric]),
+                                textcoords="offset points", xytext=(4, 4), fontsize=6, color=otf_colour)
+                for point in curve:
+                    ax.annotate(f"{point['fraction']:g}x", (point["oracle_calls"],
+                                                           point["accuracy"][test_set][part][metric]),
+                                textcoords="offset points", xytext=(3, -9), fontsize=6, color=plain_colour)
             ax.set_xscale("log")
-            ax.xaxis.set_major_locator(FixedLocator([300, 1000, 3000]))
+            ax.xaxis.set_major_locator(FixedLocator([300, 500, 1000, 2000, 4000]))
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_ylim(bottom=0)
@@ -402,9 +636,9 @@ def plot_calls_vs_accuracy(plain: dict, sweep: dict, path: Path) -> None:
             ax.set_ylabel(unit)
     for ax in axes[1]:
         ax.set_xlabel("oracle calls")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("Si (Stillinger-Weber), 64-atom test run: NNP error against oracle calls "
-                 f"(shaded: within {EQUAL_ACCURACY_FACTOR:g}x plain)", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Si (Stillinger-Weber), test set {test_set}: NNP error against oracle calls "
+                 "(plain: protocol length x0.125-1)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -486,7 +720,9 @@ def main() -> None:
             f"polymorphs NNP {r['polymorphs_nnp_order']} vs oracle {r['polymorphs_oracle_order']}; "
             f"ranking ok: {r['ranking_ok']}")
         finish("meltquench_acceptance", {**figures, "figures_dir": str(FIGURES.relative_to(FIGURES.parents[1]))})
-    log(f"done in {time.perf_counter() - started:.0f} s; figures in {FIGURES}")
+    # On stderr: the last stdout line stays finish()'s JSON object.
+    print(f"[{time.strftime('%H:%M:%S')}] done in {time.perf_counter() - started:.0f} s; figures in {FIGURES}",
+          file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
