@@ -258,11 +258,11 @@ def goals(rows: list[dict]) -> dict:
     return verdict
 
 
-def reusable_rows(paths: list[Path], oracle: str, methods: set[str]) -> dict:
+def reusable_rows(paths: list[Path], oracle: str, methods: set[str], overrides: dict) -> dict:
     """Rows of ``methods`` in earlier results files with the same oracle, keyed by (system, mode, seed, method).
 
     Random-search runs depend on the seed and budget only; active runs also on the settings, so
-    reuse those only from files made with the same ``--set`` overrides (checked).
+    they are reused only from files made with the same ``--set`` overrides (checked).
     """
     import json
 
@@ -271,21 +271,13 @@ def reusable_rows(paths: list[Path], oracle: str, methods: set[str]) -> dict:
         data = json.loads(path.read_text())
         if data.get("oracle") != oracle:
             raise SystemExit(f"--reuse {path}: its oracle is {data.get('oracle')!r}, not {oracle!r}")
-        for row in data["runs"]:
-            if "error" not in row and row["method"] in methods:
-                key = (row["system"], row["mode"], row["seed"], row["method"])
-                rows[key] = {**row, "reused_from": f"{path.name} ({data.get('date')})"}
-    return rows
-
-
-def check_same_overrides(paths: list[Path], overrides: dict) -> None:
-    """Active rows are only comparable under the same settings: every file with active rows must match."""
-    import json
-
-    for path in paths:
-        data = json.loads(path.read_text())
-        if any(r["method"] == "active" for r in data["runs"]) and data.get("active_overrides") != overrides:
+        runs = [row for row in data["runs"] if "error" not in row and row["method"] in methods]
+        if any(row["method"] == "active" for row in runs) and data.get("active_overrides") != overrides:
             raise SystemExit(f"--reuse {path}: its active runs used --set {data.get('active_overrides')}, not {overrides}")
+        for row in runs:
+            key = (row["system"], row["mode"], row["seed"], row["method"])
+            rows[key] = {**row, "reused_from": f"{path.name} ({data.get('date')})"}
+    return rows
 
 
 def main() -> None:
@@ -318,10 +310,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown system {unknown[0]!r}: choose from {', '.join(SYSTEMS)}")
 
-    reuse_methods = set(args.reuse_methods.split(","))
-    reused = reusable_rows(args.reuse, args.oracle, reuse_methods)
-    if "active" in reuse_methods:
-        check_same_overrides(args.reuse, overrides)
+    reused = reusable_rows(args.reuse, args.oracle, set(args.reuse_methods.split(",")), overrides)
     jobs, kept = [], []
     for system in systems:
         for mode in args.modes.split(","):

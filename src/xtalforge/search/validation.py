@@ -65,6 +65,8 @@ def validate_structures(
                 if generation is None or r.generation == generation}
     outcome = ValidationOutcome(records=[])
     note_target(outcome, previous.values())
+    if trajectory_dir is not None:
+        Path(trajectory_dir).mkdir(parents=True, exist_ok=True)
     bar = tqdm(tasks, desc="oracle validation", unit="structure",
                disable=not ctx.progress or len(tasks) < 2 or not sys.stderr.isatty())
     for task in bar:
@@ -78,10 +80,7 @@ def validate_structures(
             outcome.stopped_early = "budget"
             ctx.log.info("validation stopped: oracle budget of %d calls reached", budget)
             break
-        trajectory = None
-        if trajectory_dir is not None:
-            Path(trajectory_dir).mkdir(parents=True, exist_ok=True)
-            trajectory = Path(trajectory_dir) / f"{task.key}.traj"
+        trajectory = None if trajectory_dir is None else Path(trajectory_dir) / f"{task.key}.traj"
         record = validate_one(ctx, task, method=method, generation=generation, trajectory=trajectory)
         ctx.store.add(record)
         outcome.records.append(record)
