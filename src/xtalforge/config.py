@@ -216,6 +216,12 @@ class ActiveConfig:
     dbscan_eps: float = 0.5  # on standardised mean-pooled features
     dbscan_min_samples: int = 2
     u_max: float = 0.5  # stop relaxing a pool structure when U (eq. 5) passes this
+    # Where each cycle's relaxation starts. "relaxed": the pool keeps the previous cycle's relaxed
+    # structures (II.E). "initial": every cycle relaxes the candidates as generated, so the early,
+    # poorly trained ensembles cannot move candidates out of a basin for good (our change: on
+    # Si16/SevenNet-0, 13 of 618 initial candidates relax into diamond with a well-trained ensemble,
+    # 1 of them after five cycles of "relaxed").
+    relax_from: Literal["relaxed", "initial"] = "relaxed"
     # U = max σ_f / max(max |f̄|, floor): None = relax.fmax (eq. 5 except at vanishing forces); a
     # larger floor makes the bound absolute (σ_f <= u_max × floor) for structures with small forces.
     # With eq. 5's bare ratio ~80 % of a Si16 pool stopped on U a few steps into every cycle and

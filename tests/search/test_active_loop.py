@@ -314,3 +314,23 @@ def test_a_run_killed_in_its_second_validation_round_resumes(tmp_path, reference
     assert resumed["oracle_calls"] == reference["oracle_calls"]
     b = json.loads((run_dir / "cycles.json").read_text())
     assert a["validation_rounds"] == b["validation_rounds"] and a["validation"] == b["validation"]
+
+
+@pytest.mark.parametrize("relax_from", ["relaxed", "initial"])
+def test_each_cycle_relaxes_from_the_chosen_start(tmp_path, reference_dir, stand_in, monkeypatch, relax_from):
+    started_from = {}
+    relax_pool = active.relax_pool
+
+    def spy(model, pool, *args, **kwargs):
+        started_from[len(started_from) + 1] = np.concatenate([a.positions for a in pool.atoms])
+        return relax_pool(model, pool, *args, **kwargs)
+
+    monkeypatch.setattr(active, "relax_pool", spy)
+    config = _config(reference_dir, relax_from=relax_from, max_cycles=2, stop_tol=-1.0, validate=False, u_max=10.0)
+    run_search(config, tmp_path / "run", progress=False)
+    folder = tmp_path / "run" / "active"
+    positions = lambda pool: np.concatenate([a.positions for a in Pool.load(pool).atoms])
+    initial, after_first = positions(folder / "pool_000.npz"), positions(folder / "cycle_001" / "pool.npz")
+    assert not np.allclose(initial, after_first)
+    assert np.array_equal(started_from[1], initial)  # cycle 1 always relaxes the candidates
+    assert np.array_equal(started_from[2], initial if relax_from == "initial" else after_first)

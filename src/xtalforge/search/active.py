@@ -204,7 +204,10 @@ def _train_phase(ctx: RunContext, state: ActiveState, cycle: int, pending: dict)
 def _relax_phase(ctx: RunContext, state: ActiveState, cycle: int, model, previous: Pool, pending: dict) -> Pool:
     if not state.done(cycle, "relaxed"):
         start = time.perf_counter()
-        relaxed = relax_pool(model, previous, _relax_settings(ctx), min_distance_matrix_fn=ctx.constraints.min_distance_matrix,
+        start_pool = previous
+        if active_config(ctx).relax_from == "initial":  # the candidates as generated (pool 0)
+            start_pool = Pool.load(state.require(state.pool_path(0), "pool file"))
+        relaxed = relax_pool(model, start_pool, _relax_settings(ctx), min_distance_matrix_fn=ctx.constraints.min_distance_matrix,
                              relax_config=ctx.config.relax, progress=ctx.progress, chunk=active_config(ctx).model_batch)
         relaxed.save(state.pool_path(cycle))
         pending["wall_time_s"]["relax"] = round(time.perf_counter() - start, 3)
