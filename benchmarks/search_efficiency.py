@@ -27,18 +27,26 @@ search needed 4370, 4028 and 2412. Training matters most: with potential.epochs=
 the members stopped at the epoch cap (validation force RMSE 1.2-1.7 eV/Å) and one seed in three
 stopped early without diamond (218 calls); labelling the training pool only (label_from =
 "training") found it in 1 of 3; batch 100 with a 1000-structure training pool missed it at 678.
+With --set active.relax_from='"initial"' (every cycle relaxes the candidates as generated instead of
+the previous cycle's pool; results/search_efficiency_sw_relax_from_initial.json) the same three seeds
+found diamond after 190, 309 and 175 calls and stopped at 271, 389 and 324 in all.
 
 SevenNet-0, same cut-down settings plus active.confirm_tol=0.05, symmetric candidates
 (results/search_efficiency_sevennet.json, 2026-11-24): active found rocksalt Na8Cl8 in 2 of 3
 seeds (164, 233 calls; 224, 260 in all) and diamond Si16 in 1 of 3 (203; 418 in all); it missed
 zincblende Ga8As8 (3 of 3 at the 10-cycle cap, 647-757 calls) and corundum Al4O6 (313-356 calls;
 best 7.5 meV/atom above it). Symmetric random search within 3000 calls found Na8Cl8 in 2 of 3,
-Si16 in 1 of 3, Ga8As8 in 2 of 3, Al4O6 in none. With fully random candidates (seed 0 only) active
-found corundum Al4O6 in 169 calls (288 in all) and missed the other three. In the missed runs the
+Si16 in 1 of 3, Ga8As8 in 2 of 3, Al4O6 in none. With fully random candidates (all three seeds of the
+active search; random search in that mode was not run) active found corundum Al4O6 in 3 of 3 (169,
+267, 179 calls; at most 288 in all), rocksalt Na8Cl8 in 2 of 3 (253, 210), diamond Si16 in 1 of 3
+(992, after two validation rounds; 1209 in all) and zincblende Ga8As8 in none (616-738). In the missed runs the
 oracle confirmed the ensemble's lowest minima within 6-30 meV/atom, yet they lay 0.2-0.25 eV/atom
 above diamond for Si16: the ensembles (validation force RMSE 0.8-1.5 eV/Å) never pulled a pool
 structure into the ground-state basin; 6 per space group or a 5 x [30,30] ensemble did not change
-that for Si16 seed 0.
+that for Si16 seed 0. The cycle-5 ensemble of Si16 seed 0 puts diamond 0.48 eV/atom above SevenNet-0
+(ensemble spread 0.08), so diamond-like pool structures are neither selected nor validated. With
+active.relax_from = "initial" (results/search_efficiency_sevennet_relax_from_initial.json) active found
+Na8Cl8 in 3 of 3 (201, 268, 162 calls), Si16 in 1 of 3 (490; 801 in all) and Al4O6 in none.
 
 ``--set section.key=value`` (repeatable, TOML values) overrides any config key of the
 active run (``active.*``, ``potential.*``, ``relax.*``, ...); ``--random-budget`` and
