@@ -63,7 +63,7 @@ class Pool:
     candidate: np.ndarray  # (S,) generation seed index
     initial_spacegroup: np.ndarray  # (S,) space group drawn for symmetric candidates, 0 for random
     status: np.ndarray  # (S,) str
-    n_steps: np.ndarray  # (S,) model relaxation steps summed over cycles
+    n_steps: np.ndarray  # (S,) model relaxation steps summed over cycles (active.relax_from = "initial": the last cycle's)
     energy_per_atom: np.ndarray = None  # (S,) eV/atom, enthalpy per atom under pressure
     max_force: np.ndarray = None  # (S,) eV/Å
     uncertainty: np.ndarray = None  # (S,) U of eq. 5
