@@ -46,7 +46,7 @@ structure into the ground-state basin; 6 per space group or a 5 x [30,30] ensemb
 that for Si16 seed 0. The cycle-5 ensemble of Si16 seed 0 puts diamond 0.48 eV/atom above SevenNet-0
 (ensemble spread 0.08), so diamond-like pool structures are neither selected nor validated. With
 active.relax_from = "initial" (results/search_efficiency_sevennet_relax_from_initial.json) active found
-Na8Cl8 in 3 of 3 (201, 268, 162 calls), Si16 in 1 of 3 (490; 801 in all) and Al4O6 in none.
+Na8Cl8 in 3 of 3 (201, 268, 162 calls), Si16 in 1 of 3 (490; 801 in all), Ga8As8 and Al4O6 in none.
 
 ``--set section.key=value`` (repeatable, TOML values) overrides any config key of the
 active run (``active.*``, ``potential.*``, ``relax.*``, ...); ``--random-budget`` and
