@@ -144,7 +144,7 @@ def _validation_table(rows: list[dict]) -> str:
 
 def _rounds_note(rounds: list[dict]) -> str:
     """One line per validation round: how far the oracle disagreed with the ensemble's cluster minima."""
-    if len(rounds) < 2 and not any(not r.get("confirmed") for r in rounds):
+    if len(rounds) < 2 and all(r.get("confirmed") for r in rounds):
         return ""
     items = "".join(
         f"<li>after cycle {r['cycle']}: lowest oracle − lowest model energy {_num(r.get('delta_lowest_mev'), 1)} meV/atom, "
