@@ -270,7 +270,8 @@ def reusable_rows(paths: list[Path], oracle: str, methods: set[str], overrides: 
     """Rows of ``methods`` in earlier results files with the same oracle, keyed by (system, mode, seed, method).
 
     Random-search runs depend on the seed and budget only; active runs also on the settings, so
-    they are reused only from files made with the same ``--set`` overrides (checked).
+    they are taken only from files made with the same ``--set`` overrides; the others are skipped
+    with a notice, and that file's random runs are still taken.
     """
     import json
 
@@ -280,8 +281,11 @@ def reusable_rows(paths: list[Path], oracle: str, methods: set[str], overrides: 
         if data.get("oracle") != oracle:
             raise SystemExit(f"--reuse {path}: its oracle is {data.get('oracle')!r}, not {oracle!r}")
         runs = [row for row in data["runs"] if "error" not in row and row["method"] in methods]
-        if any(row["method"] == "active" for row in runs) and data.get("active_overrides") != overrides:
-            raise SystemExit(f"--reuse {path}: its active runs used --set {data.get('active_overrides')}, not {overrides}")
+        skipped = [row for row in runs if row["method"] == "active" and data.get("active_overrides") != overrides]
+        if skipped:
+            print(f"--reuse {path.name}: {len(skipped)} active runs not taken: they used --set "
+                  f"{data.get('active_overrides')}, not {overrides}")
+            runs = [row for row in runs if row["method"] != "active"]
         for row in runs:
             key = (row["system"], row["mode"], row["seed"], row["method"])
             rows[key] = {**row, "reused_from": f"{path.name} ({data.get('date')})"}
