@@ -266,8 +266,9 @@ def goals(rows: list[dict]) -> dict:
     return verdict
 
 
-def reusable_rows(paths: list[Path], oracle: str, methods: set[str], overrides: dict) -> dict:
-    """Rows of ``methods`` in earlier results files with the same oracle, keyed by (system, mode, seed, method).
+def reusable_rows(paths: list[Path], oracle: str, methods: set[str], overrides: dict) -> tuple[dict, dict]:
+    """Rows of ``methods`` in earlier results files with the same oracle, keyed by (system, mode, seed, method),
+    and the files' notes by file name.
 
     Random-search runs depend on the seed and budget only; active runs also on the settings, so
     they are taken only from files made with the same ``--set`` overrides; the others are skipped
@@ -275,7 +276,7 @@ def reusable_rows(paths: list[Path], oracle: str, methods: set[str], overrides: 
     """
     import json
 
-    rows = {}
+    rows, notes = {}, {}
     for path in paths:
         data = json.loads(path.read_text())
         if data.get("oracle") != oracle:
@@ -289,7 +290,10 @@ def reusable_rows(paths: list[Path], oracle: str, methods: set[str], overrides: 
         for row in runs:
             key = (row["system"], row["mode"], row["seed"], row["method"])
             rows[key] = {**row, "reused_from": f"{path.name} ({data.get('date')})"}
-    return rows
+        notes.update(data.get("notes_of_reused", {}))  # notes the file itself carried over
+        if data.get("note"):
+            notes[path.name] = data["note"]
+    return rows, notes
 
 
 def main() -> None:
@@ -315,6 +319,8 @@ def main() -> None:
                              "with the same --set overrides)")
     parser.add_argument("--only-reused", action="store_true",
                         help="run nothing: combine the --reuse files into one results file")
+    parser.add_argument("--note", default=None, help="free text stored as the results file's note "
+                        "(the notes of --reuse files are kept under notes_of_reused)")
     args = parser.parse_args()
     overrides = parse_overrides(args.overrides)
     systems = args.systems.split(",")
@@ -322,7 +328,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown system {unknown[0]!r}: choose from {', '.join(SYSTEMS)}")
 
-    reused = reusable_rows(args.reuse, args.oracle, set(args.reuse_methods.split(",")), overrides)
+    reused, reused_notes = reusable_rows(args.reuse, args.oracle, set(args.reuse_methods.split(",")), overrides)
     jobs, kept = [], []
     for system in systems:
         for mode in args.modes.split(","):
@@ -352,8 +358,11 @@ def main() -> None:
         to_target = ",".join(str(r.get("oracle_calls_to_target")) for r in group)
         total = ",".join(str(r.get("oracle_calls")) for r in group)
         print(f"{key[0]:8s} {key[1]:9s} {key[2]:7s} {found}/{len(group):<4d} {to_target:28s} {total:14s}")
+    notes = {"note": args.note} if args.note else {}
+    if reused_notes:
+        notes["notes_of_reused"] = reused_notes
     finish(args.name, {
-        "oracle": args.oracle, "systems": systems, "seeds": args.seeds, "modes": args.modes,
+        **notes, "oracle": args.oracle, "systems": systems, "seeds": args.seeds, "modes": args.modes,
         "random_budget": args.random_budget, "active_budget": args.active_budget,
         "active_overrides": overrides, "goals": goals(rows), "runs": rows,
         "active_defaults": to_dict(from_dict(RunConfig, {"composition": "Si"})).get("active"),
