@@ -319,8 +319,8 @@ def main() -> None:
                              "with the same --set overrides)")
     parser.add_argument("--only-reused", action="store_true",
                         help="run nothing: combine the --reuse files into one results file")
-    parser.add_argument("--note", default=None, help="free text stored as the results file's note "
-                        "(the notes of --reuse files are kept under notes_of_reused)")
+    parser.add_argument("--note", default=None, help="free text stored as the results file's note; the notes "
+                        "of --reuse files are kept under notes_of_reused, except the old note of results/NAME.json")
     args = parser.parse_args()
     overrides = parse_overrides(args.overrides)
     systems = args.systems.split(",")
@@ -359,6 +359,8 @@ def main() -> None:
         total = ",".join(str(r.get("oracle_calls")) for r in group)
         print(f"{key[0]:8s} {key[1]:9s} {key[2]:7s} {found}/{len(group):<4d} {to_target:28s} {total:14s}")
     notes = {"note": args.note} if args.note else {}
+    if args.note:  # a new note replaces the old one of the file being rewritten
+        reused_notes.pop(f"{args.name}.json", None)
     if reused_notes:
         notes["notes_of_reused"] = reused_notes
     finish(args.name, {
