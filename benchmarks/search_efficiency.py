@@ -285,9 +285,9 @@ def reusable_rows(paths: list[Path], oracle: str, methods: set[str], overrides: 
         if data.get("oracle") != oracle:
             raise SystemExit(f"--reuse {path}: its oracle is {data.get('oracle')!r}, not {oracle!r}")
         runs = [row for row in data["runs"] if "error" not in row and row["method"] in methods]
-        skipped = [row for row in runs if row["method"] == "active" and data.get("active_overrides") != overrides]
-        if skipped:
-            print(f"--reuse {path.name}: {len(skipped)} active runs not taken: they used --set "
+        n_active = sum(row["method"] == "active" for row in runs)
+        if n_active and data.get("active_overrides") != overrides:
+            print(f"--reuse {path.name}: {n_active} active runs not taken: they used --set "
                   f"{data.get('active_overrides')}, not {overrides}")
             runs = [row for row in runs if row["method"] != "active"]
         for row in runs:
@@ -361,8 +361,9 @@ def main() -> None:
         to_target = ",".join(str(r.get("oracle_calls_to_target")) for r in group)
         total = ",".join(str(r.get("oracle_calls")) for r in group)
         print(f"{key[0]:8s} {key[1]:9s} {key[2]:7s} {found}/{len(group):<4d} {to_target:28s} {total:14s}")
-    notes = {"note": args.note} if args.note else {}
+    notes = {}
     if args.note:  # a new note replaces the old one of the file being rewritten
+        notes["note"] = args.note
         reused_notes.pop(f"{args.name}.json", None)
     if reused_notes:
         notes["notes_of_reused"] = reused_notes
