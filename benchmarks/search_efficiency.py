@@ -12,7 +12,8 @@ search uses it for its search pool (its training pool is always random).
 
 Goals (issue 6, item 12): every active run finds the ground state with at most 700
 oracle calls (aim 300), never more than symmetric random search, and at least 10
-times fewer wherever random search needs more than 3,000 calls.
+times fewer wherever random search needs more than 3,000 calls (random search that missed within
+a budget of 3,000 or more counts as needing more; the check is per candidate mode).
 
     python benchmarks/search_efficiency.py                           # full: 4 systems x 3 seeds x 2 modes, sevennet
     python benchmarks/search_efficiency.py --systems Si16 --oracle sw --seeds 0,1,2 --modes symmetric \
@@ -232,11 +233,33 @@ def random_median(rows: list[dict], system: str, mode: str) -> tuple[float | Non
     return median, any(not r.get("found") and r["budget"] <= median for r in group)
 
 
+def tenfold_check(rows: list[dict], system: str, mode: str, active: list[dict]) -> dict | None:
+    """The tenfold goal in one candidate mode: active runs of that mode against random search of that mode.
+
+    It applies where random search needs more than 3000 calls, which includes random search that
+    missed the target within a budget of 3000 or more. ``met`` is True when ten times the active
+    median is within random search's median (then also where that median is only a lower bound),
+    False when an active run missed or the median is a measured figure ten times too small, and
+    None (undecided) when it is a lower bound that a larger random-search budget could still lift.
+    """
+    reference, bound = random_median(rows, system, mode)
+    if reference is None or not (reference > 3000 or (bound and reference >= 3000)):
+        return None
+    runs = [r for r in active if r["mode"] == mode]
+    if not runs:
+        return None
+    found = all(r.get("found") for r in runs)
+    median = statistics.median(r["oracle_calls"] for r in runs)
+    met = bool(found and 10 * median <= reference)
+    return {"random_median_calls": reference, "lower_bound": bound, "active_median_calls": median,
+            "met": met if met or not found or not bound else None}
+
+
 def goals(rows: list[dict]) -> dict:
     """Check the issue's goals per system from the runs of all seeds and modes.
 
     Random search that missed the target within its budget counts as needing the budget (a lower
-    bound, flagged). The tenfold goal is checked against random search of each candidate mode.
+    bound, flagged). The tenfold goal is checked per candidate mode (:func:`tenfold_check`).
     """
     verdict = {}
     for system in sorted({r["system"] for r in rows}):
@@ -247,12 +270,8 @@ def goals(rows: list[dict]) -> dict:
         found = all(r.get("found") for r in active)
         median = statistics.median(calls)
         symmetric, symmetric_bound = random_median(rows, system, "symmetric")
-        tenfold = {}
-        for mode in ("symmetric", "random"):
-            reference, bound = random_median(rows, system, mode)
-            if reference is not None and reference > 3000:
-                tenfold[mode] = {"random_median_calls": reference, "lower_bound": bound,
-                                 "met": bool(found and 10 * median <= reference)}
+        tenfold = {mode: check for mode in ("symmetric", "random")
+                   if (check := tenfold_check(rows, system, mode, active)) is not None}
         verdict[system] = {
             "all_active_found": found,
             "active_max_calls": max(calls),

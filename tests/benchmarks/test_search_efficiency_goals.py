@@ -1,0 +1,58 @@
+"""The goal verdicts of benchmarks/search_efficiency.py, on hand-made rows."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "search_efficiency.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("search_efficiency_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(method, mode, seed, found, calls, budget=3000, to_target=None):
+    return {"system": "X", "method": method, "mode": mode, "seed": seed, "found": found, "oracle_calls": calls,
+            "budget": budget, "oracle_calls_to_target": to_target if found else None}
+
+
+def active(mode, calls, found=True):
+    return [run("active", mode, s, found, c) for s, c in enumerate(calls)]
+
+
+def random_missed(mode, budget=3000):
+    return [run("random", mode, s, False, budget + 20, budget=budget) for s in range(3)]
+
+
+def test_random_search_missing_at_the_3000_cap_counts_as_needing_more(bench):
+    rows = active("random", [170, 267, 290]) + random_missed("random")
+    check = bench.goals(rows)["X"]["tenfold_where_random_above_3000"]["random"]
+    assert check == {"random_median_calls": 3000, "lower_bound": True, "active_median_calls": 267, "met": True}
+
+
+def test_a_lower_bound_within_ten_times_the_active_calls_leaves_the_goal_undecided(bench):
+    rows = active("random", [400, 500, 600]) + random_missed("random")
+    assert bench.goals(rows)["X"]["tenfold_where_random_above_3000"]["random"]["met"] is None
+
+
+def test_a_missed_active_run_fails_the_goal(bench):
+    rows = active("random", [170, 267]) + active("random", [600], found=False) + random_missed("random")
+    assert bench.goals(rows)["X"]["tenfold_where_random_above_3000"]["random"]["met"] is False
+
+
+def test_measured_random_medians_decide_and_modes_are_judged_apart(bench):
+    measured = [run("random", "symmetric", s, True, c, budget=20000, to_target=c) for s, c in enumerate([4370, 4028, 2412])]
+    rows = active("symmetric", [449, 402, 394]) + measured + active("random", [900]) + random_missed("random")
+    tenfold = bench.goals(rows)["X"]["tenfold_where_random_above_3000"]
+    assert tenfold["symmetric"]["met"] is True  # 10 x 402 <= 4028
+    assert tenfold["random"]["met"] is None  # 10 x 900 > 3000, a lower bound
+
+
+def test_random_search_below_3000_calls_sets_no_tenfold_goal(bench):
+    quick = [run("random", "symmetric", s, True, 150, to_target=150) for s in range(3)]
+    assert bench.goals(active("symmetric", [200, 210, 220]) + quick)["X"]["tenfold_where_random_above_3000"] is None
