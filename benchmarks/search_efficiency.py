@@ -51,6 +51,13 @@ spread 0.08), so diamond-like pool structures are neither selected nor validated
 diamond-like label even 1398 pooled labels leave diamond 0.15 eV/atom too high, with one it is 0.055. With
 active.relax_from = "initial" (results/search_efficiency_sevennet_relax_from_initial.json) active found
 Na8Cl8 in 3 of 3 (201, 268, 162 calls), Si16 in 1 of 3 (490; 801 in all), Ga8As8 and Al4O6 in none.
+Adding potential.angular_zeta=[1,2,4,8], active.stop_cycles=3 and a 15-cycle cap to relax_from="initial"
+(results/search_efficiency_sevennet_zeta8_initial.json) found diamond Si16 in 3 of 3 (384, 460, 460 calls;
+446, 494, 488 in all); the control without the sharper angular functions found it in 1 of 3 (506;
+results/search_efficiency_sevennet_initial_stop3.json), and zeta up to 8 alone in 1 of 3 (310;
+results/search_efficiency_sevennet_zeta8.json; with stop_cycles=3 and 15 cycles its two misses stopped again at
+229 and 291 calls, results/search_efficiency_sevennet_zeta8_stop3.json). Ga8As8 seed 0 still missed (769 calls, best 0.18 eV/atom
+above zincblende).
 
 ``--set section.key=value`` (repeatable, TOML values) overrides any config key of the
 active run (``active.*``, ``potential.*``, ``relax.*``, ...); ``--random-budget`` and
