@@ -174,3 +174,14 @@ def test_killed_writer_leaves_only_complete_rows(tmp_path):
     # The resumed run writes on where the killed one stopped.
     store.add(StructureRecord(candidate=len(records), status="failed", method="random", error="after resume"))
     assert store.count() == len(records) + 1
+
+
+@pytest.mark.timeout(60)
+def test_a_lock_file_left_by_a_killed_writer_does_not_block_the_resumed_run(tmp_path):
+    store = RunStore(tmp_path)
+    store.add(StructureRecord(candidate=0, status="failed", method="random", error="before the kill"))
+    # What ASE's lock leaves behind when its holder is killed inside a write.
+    (tmp_path / "structures.db.lock").write_text("")
+    resumed = RunStore(tmp_path)
+    resumed.add(StructureRecord(candidate=1, status="failed", method="random", error="after resume"))
+    assert resumed.done_candidates() == {0, 1}

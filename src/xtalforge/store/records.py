@@ -104,7 +104,9 @@ class RunStore:
             if not create:
                 raise CheckpointError(f"no {DB_NAME} in {self.run_dir}: run `xtalforge search` with --out {self.run_dir} first")
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._db = connect(str(self.path), type="db", append=True, serial=False)
+        # SQLite locks and rolls back on its own; ASE's extra lock file would outlive a writer killed
+        # inside a write and block every later writer (the resumed run) until its timeout.
+        self._db = connect(str(self.path), type="db", append=True, serial=False, use_lock_file=False)
         self._guard(self._db.count)  # fail now, with the fix, if the file is not a database
 
     def __repr__(self) -> str:
