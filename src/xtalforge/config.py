@@ -44,6 +44,9 @@ class StructuresConfig:
     volume_per_atom: list[float] | None = None
     volume_scale_range: list[float] = field(default_factory=lambda: [0.6, 1.5])
     spacegroups: list[int] | None = None  # restrict symmetric generation; None = all compatible
+    # Symmetric structures fill the group's "conventional" cell, or its "primitive" cell (a
+    # centred group's conventional cell then holds 2-4 times the atoms; corundum Al4O6 needs this).
+    cell: Literal["conventional", "primitive"] = "conventional"
     max_attempts: int = 200  # bounded retries before an impossible-constraints error
     pyxtal_timeout_s: float = 10.0  # abandon one PyXtal attempt after this long
 
@@ -136,6 +139,10 @@ class PotentialConfig:
     # Structures whose largest force lies more than this many standard deviations above the
     # mean of the largest forces are left out (seed 004 V.A); None keeps all.
     force_outlier_sigma: float | None = 3.0
+    # Structures more than this many eV/atom above the lowest structure of their composition are
+    # left out (before the force outliers): a small network spends its capacity on the region a
+    # search ranks, not on collapsed random structures many eV/atom higher. None keeps all.
+    energy_window: float | None = None
     # ZBL repulsion below the shortest distance of each element pair in the training data.
     zbl: bool = True
     zbl_switch_width: float = 0.5  # Å over which the repulsion switches on

@@ -78,6 +78,26 @@ def test_force_outliers_are_left_out(sw_train):
     assert any("left out" in m for m in messages)
 
 
+def test_energy_window_is_measured_per_composition():
+    si = [with_energy(rattled(bulk("Si", "diamond", a=5.431, cubic=True), k, sigma=0.05, strain=0.0), e)
+          for k, e in enumerate((-40.0, -39.0, -24.0))]  # -5.0, -4.875 and -3.0 eV/atom
+    c = [with_energy(rattled(bulk("C", "diamond", a=3.567, cubic=True), k, sigma=0.05, strain=0.0), e)
+         for k, e in enumerate((-60.0, -58.0, -50.0))]  # -7.5, -7.25 and -6.25 eV/atom
+    messages = []
+    config = PotentialConfig(energy_window=0.5, force_outlier_sigma=None, zbl=False)
+    _, data = prepare(si + c, config, log=messages.append)
+    assert data.n_above_window == 2 and len(data) == 4
+    assert sorted(round(float(e), 1) for e in data.energy) == [-60.0, -58.0, -40.0, -39.0]
+    assert any("eV/atom above the lowest of their composition" in m for m in messages)
+    _, everything = prepare(si + c, PotentialConfig(force_outlier_sigma=None, zbl=False), log=lambda m: None)
+    assert len(everything) == 6 and everything.n_above_window == 0
+    # a window that would keep fewer than half of a composition's frames keeps its lower half
+    _, half = prepare(si + c, PotentialConfig(energy_window=0.01, force_outlier_sigma=None, zbl=False), log=lambda m: None)
+    assert sorted(round(float(e), 1) for e in half.energy) == [-60.0, -58.0, -40.0, -39.0]
+    with pytest.raises(XtalforgeError, match="energy_window"):
+        prepare(si, PotentialConfig(energy_window=0.0), log=lambda m: None)
+
+
 def test_gdf_weights_favour_rare_environments():
     # many near-identical diamond cells and one strongly distorted cell
     frames = [with_energy(rattled(bulk("Si", "diamond", a=5.431, cubic=True), k, sigma=0.01, strain=0.0), -30.0)

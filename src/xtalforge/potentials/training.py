@@ -2,8 +2,9 @@
 
 Order of work (seed 000 II.B, seed 003 secs. 3.2–3.4 and 5, seed 004 V.A):
 
-1. read labels; leave out structures whose largest force is more than ``force_outlier_sigma``
-   standard deviations above the mean of the largest forces;
+1. read labels; optionally leave out structures more than ``energy_window`` eV/atom above the
+   lowest of their composition; leave out structures whose largest force is more than
+   ``force_outlier_sigma`` standard deviations above the mean of the largest forces;
 2. per-element reference energies by least squares, so the networks learn only the rest;
 3. symmetry functions of every atom; per-element PCA decorrelation and whitening;
 4. optionally, Gaussian-density-function weights of the atoms' force errors;
@@ -60,6 +61,7 @@ class TrainingSet:
     elements: list[str]
     n_unlabelled: int = 0
     n_outliers: int = 0
+    n_above_window: int = 0
     atom_weights: list[torch.Tensor] | None = None  # GDF weights of the force errors, per frame
 
     def __len__(self) -> int:
@@ -121,9 +123,12 @@ def train_model(
 
 def prepare(frames: list[Atoms], config: PotentialConfig, *, seed: int = 0, log=lambda m: None) -> tuple[BPNN, TrainingSet]:
     """The training set and an untrained model carrying all fitted preprocessing."""
-    labelled, n_unlabelled, n_outliers = _select_frames(frames, config.force_outlier_sigma)
+    labelled, n_unlabelled, n_outliers, n_above_window = _select_frames(frames, config.force_outlier_sigma,
+                                                                         config.energy_window)
     if n_unlabelled:
         log(f"{n_unlabelled} frame(s) without a finite energy left out")
+    if n_above_window:
+        log(f"{n_above_window} frame(s) more than {config.energy_window} eV/atom above the lowest of their composition left out")
     if n_outliers:
         log(f"{n_outliers} frame(s) with forces more than {config.force_outlier_sigma} σ above the mean left out (seed 004)")
     symbols = {s for atoms, _ in labelled for s in atoms.get_chemical_symbols()}
@@ -145,6 +150,7 @@ def prepare(frames: list[Atoms], config: PotentialConfig, *, seed: int = 0, log=
         elements=elements,
         n_unlabelled=n_unlabelled,
         n_outliers=n_outliers,
+        n_above_window=n_above_window,
     )
     template.set_reference_energies(reference_energies(data))
     features = _all_features(template, data)
@@ -163,12 +169,17 @@ def prepare(frames: list[Atoms], config: PotentialConfig, *, seed: int = 0, log=
 # --------------------------------------------------------------------------- preprocessing
 
 
-def _select_frames(frames, outlier_sigma):
+def _select_frames(frames, outlier_sigma, energy_window=None):
     labelled = [(atoms, frame_labels(atoms)) for atoms in frames]
     n_unlabelled = sum(lab is None for _, lab in labelled)
     labelled = [(a, lab) for a, lab in labelled if lab is not None and len(a) > 0]
     if not labelled:
         raise XtalforgeError("no frame carries an energy: label the structures with an oracle first")
+    n_above_window = 0
+    if energy_window is not None:
+        kept = _within_energy_window(labelled, energy_window)
+        n_above_window = len(labelled) - len(kept)
+        labelled = kept
     n_outliers = 0
     if outlier_sigma is not None:
         max_force = np.array([np.linalg.norm(lab.forces, axis=1).max() if lab.forces is not None else np.nan
@@ -179,7 +190,25 @@ def _select_frames(frames, outlier_sigma):
             keep = ~(known & (max_force > limit))
             n_outliers = int((~keep).sum())
             labelled = [item for item, k in zip(labelled, keep) if k]
-    return labelled, n_unlabelled, n_outliers
+    return labelled, n_unlabelled, n_outliers, n_above_window
+
+
+def _within_energy_window(labelled, window):
+    """The frames at most ``window`` eV/atom above the lowest frame of the same reduced composition.
+
+    Never fewer than the lower half of a composition's frames: early in a search every label
+    may be a random structure far above the rest, and a handful of frames trains nothing.
+    """
+    if not window > 0:
+        raise XtalforgeError(f"potential.energy_window = {window}: give a positive window in eV/atom, or leave it out to keep every frame")
+    composition = np.array([atoms.symbols.formula.reduce()[0].format("metal") for atoms, _ in labelled])
+    energy = np.array([lab.energy / len(atoms) for atoms, lab in labelled])
+    keep = np.zeros(len(labelled), dtype=bool)
+    for key in np.unique(composition):
+        index = np.flatnonzero(composition == key)
+        above = energy[index] - energy[index].min()
+        keep[index] = above <= max(window, np.sort(above)[(len(index) - 1) // 2])
+    return [item for item, k in zip(labelled, keep) if k]
 
 
 def reference_energies(data: TrainingSet) -> np.ndarray:
@@ -445,7 +474,8 @@ def _train_members(template, data, config, seed, indices, progress, log, labels,
         run.finish()
         metrics = validation_metrics(model, data, monitor, config)
         metrics.update(model.metrics)
-        metrics.update(n_train=len(train), n_val=len(val), n_outliers=data.n_outliers, n_unlabelled=data.n_unlabelled)
+        metrics.update(n_train=len(train), n_val=len(val), n_outliers=data.n_outliers, n_unlabelled=data.n_unlabelled,
+                       n_above_window=data.n_above_window)
         model.metrics = metrics
         log(_summary(metrics, label))
     return models
@@ -471,7 +501,7 @@ def _train_member(template, data, config, seed, index, progress, log, label="mod
     metrics = evaluate()
     metrics.update(model.metrics)
     metrics.update(n_train=len(train_idx), n_val=len(val_idx), n_outliers=data.n_outliers,
-                   n_unlabelled=data.n_unlabelled)
+                   n_unlabelled=data.n_unlabelled, n_above_window=data.n_above_window)
     model.metrics = metrics
     log(_summary(metrics, label))
     return model
