@@ -96,13 +96,13 @@ SYSTEMS = {
 METHODS = ("random", "active")
 
 
-def base_config(system: str, seed: int, mode: str, oracle: str, target_dir: Path) -> dict:
+def base_config(system: str, seed: int, mode: str, oracle: str, target_dir: Path, cell: str = "conventional") -> dict:
     spec = SYSTEMS[system]
     return {
         "composition": spec["composition"],
         "seed": seed,
         "oracle": {"name": oracle},
-        "structures": {"mode": mode, "min_distances": dict(spec["min_distances"]),
+        "structures": {"mode": mode, "cell": cell, "min_distances": dict(spec["min_distances"]),
                        "lattice_min": spec["lattice"][0], "lattice_max": spec["lattice"][1]},
         "search": {"target": str(target_dir / spec["target"])},
     }
@@ -295,13 +295,15 @@ def goals(rows: list[dict]) -> dict:
     return verdict
 
 
-def reusable_rows(paths: list[Path], oracle: str, methods: set[str], overrides: dict) -> tuple[dict, dict]:
+def reusable_rows(paths: list[Path], oracle: str, methods: set[str], overrides: dict,
+                  cell: str = "conventional") -> tuple[dict, dict]:
     """Rows of ``methods`` in earlier results files with the same oracle, keyed by (system, mode, seed, method),
     and the files' notes by file name.
 
     Random-search runs depend on the seed and budget only; active runs also on the settings, so
     they are taken only from files made with the same ``--set`` overrides; the others are skipped
-    with a notice, and that file's random runs are still taken.
+    with a notice, and that file's random runs are still taken. Files whose symmetric candidates
+    filled another cell (``--cell``) give no runs at all.
     """
     import json
 
@@ -310,6 +312,9 @@ def reusable_rows(paths: list[Path], oracle: str, methods: set[str], overrides: 
         data = json.loads(path.read_text())
         if data.get("oracle") != oracle:
             raise SystemExit(f"--reuse {path}: its oracle is {data.get('oracle')!r}, not {oracle!r}")
+        if data.get("cell", "conventional") != cell:
+            print(f"--reuse {path.name}: no runs taken: its symmetric candidates filled the {data.get('cell', 'conventional')} cell")
+            continue
         runs = [row for row in data["runs"] if "error" not in row and row["method"] in methods]
         n_active = sum(row["method"] == "active" for row in runs)
         if n_active and data.get("active_overrides") != overrides:
@@ -336,6 +341,8 @@ def main() -> None:
     parser.add_argument("--active-budget", type=int, default=5000, help="oracle-call cap of each active run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for the active runs (repeatable)")
+    parser.add_argument("--cell", default="conventional", choices=("conventional", "primitive"),
+                        help="cell that symmetric candidates fill, for every method (structures.cell)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep run directories here (default: a temporary one)")
     parser.add_argument("--name", default="search_efficiency", help="results/NAME.json")
     parser.add_argument("--parallel", type=int, default=1,
@@ -357,12 +364,13 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown system {unknown[0]!r}: choose from {', '.join(SYSTEMS)}")
 
-    reused, reused_notes = reusable_rows(args.reuse, args.oracle, set(args.reuse_methods.split(",")), overrides)
+    reused, reused_notes = reusable_rows(args.reuse, args.oracle, set(args.reuse_methods.split(",")), overrides,
+                                          args.cell)
     jobs, kept = [], []
     for system in systems:
         for mode in args.modes.split(","):
             for seed in map(int, args.seeds.split(",")):
-                base = base_config(system, seed, mode, args.oracle, REFERENCE_DIR)
+                base = base_config(system, seed, mode, args.oracle, REFERENCE_DIR, args.cell)
                 for method in args.methods.split(","):
                     budget = args.active_budget if method == "active" else args.random_budget
                     config = method_config(base, method, budget, mode, overrides)
@@ -395,7 +403,7 @@ def main() -> None:
         notes["notes_of_reused"] = reused_notes
     finish(args.name, {
         **notes, "oracle": args.oracle, "systems": systems, "seeds": args.seeds, "modes": args.modes,
-        "random_budget": args.random_budget, "active_budget": args.active_budget,
+        "random_budget": args.random_budget, "active_budget": args.active_budget, "cell": args.cell,
         "active_overrides": overrides, "goals": goals(rows), "runs": rows,
         "active_defaults": to_dict(from_dict(RunConfig, {"composition": "Si"})).get("active"),
     })

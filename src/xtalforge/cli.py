@@ -94,7 +94,7 @@ def _cmd_generate(args) -> int:
     constraints = Constraints.from_config(composition, settings)
     structures = generate_many(
         composition, constraints, args.n, args.seed, mode=args.mode, spacegroups=settings.spacegroups,
-        max_attempts=settings.max_attempts, pyxtal_timeout_s=settings.pyxtal_timeout_s,
+        max_attempts=settings.max_attempts, pyxtal_timeout_s=settings.pyxtal_timeout_s, cell=settings.cell,
     )
     write(args.output, structures)
     print(f"wrote {len(structures)} {composition} structures to {args.output}")

@@ -17,7 +17,7 @@ from xtalforge.structures import (
     generate_many,
     generate_structure,
 )
-from xtalforge.structures.generate import time_limit, wyckoff_compatible
+from xtalforge.structures.generate import _primitive_cell, lattice_points, time_limit, wyckoff_compatible
 
 TABLE_I = {
     "Si-Si": 1.6,
@@ -307,3 +307,44 @@ def test_bad_arguments(constraints):
         generate_structure("Si8", constraints, rng, spacegroups=[231])
     with pytest.raises(ConfigError, match="symmetric"):
         generate_structure("Si8", constraints, rng, mode="genetic")
+
+
+@pytest.mark.parametrize(
+    "formula, spacegroup",
+    [("Al4O6", 167), ("Al4O6", 12), ("Al4O6", 38), ("Al4O6", 229), ("Si16", 227), ("Na4Cl4", 216)],
+)  # centrings R, C, A, I, F, F
+def test_primitive_cells_keep_the_atom_count_and_the_space_group(formula, spacegroup, constraints):
+    atoms = generate_structure(formula, constraints, np.random.default_rng(3), spacegroups=[spacegroup], cell="primitive")
+    counts = dict(Composition.parse(formula).counts)
+    assert {s: atoms.get_chemical_symbols().count(s) for s in counts} == counts and len(atoms) == sum(counts.values())
+    assert not constraints.resolved(Composition.parse(formula)).violations(atoms)
+    # the primitive cell keeps every operation of the group (a random structure may have more)
+    assert symmetry_operations(atoms) >= general_multiplicity(spacegroup) // lattice_points(spacegroup)
+
+
+def test_the_primitive_cell_repeats_into_the_conventional_one():
+    from pyxtal import pyxtal
+
+    crystal = pyxtal()
+    crystal.from_random(3, 167, ["Al", "O"], [12, 18], random_state=np.random.default_rng(1))
+    conventional = crystal.to_ase(resort=False)
+    primitive = _primitive_cell(conventional, 167)
+    assert len(primitive) == 10 and primitive.get_volume() == pytest.approx(conventional.get_volume() / 3)
+    # the same crystal (Niggli reduction may rotate the cell, so compare as structures)
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    to_structure = AseAtomsAdaptor.get_structure
+    assert StructureMatcher(primitive_cell=False, scale=False, attempt_supercell=True).fit(
+        to_structure(conventional), to_structure(primitive))
+
+
+def test_corundum_al4o6_needs_the_primitive_cell():
+    # R-3c: the conventional (hexagonal) cell holds Al12O18; only the primitive one holds Al4O6
+    assert 167 not in compatible_spacegroups("Al4O6")
+    primitive = compatible_spacegroups("Al4O6", cell="primitive")
+    assert 167 in primitive and set(compatible_spacegroups("Si8")) != set(compatible_spacegroups("Si8", cell="primitive"))
+    with pytest.raises(ConfigError, match="primitive"):
+        compatible_spacegroups("Al4O6", cell="smallest")
+    with pytest.raises(ConstraintError, match="conventional cell"):
+        generate_structure("Al4O6", Constraints(), np.random.default_rng(0), spacegroups=[167])

@@ -301,7 +301,7 @@ def build_pool(ctx: RunContext) -> Pool:
         train_comp, train_constraints = search_comp, search_constraints
     spacegroups = []
     if acfg.search_pool == "symmetric":
-        spacegroups = list(acfg.spacegroups or cfg.structures.spacegroups or compatible_spacegroups(search_comp))
+        spacegroups = list(acfg.spacegroups or cfg.structures.spacegroups or compatible_spacegroups(search_comp, cell=cfg.structures.cell))
     spec = pool_spec(spacegroups, acfg.per_spacegroup, acfg.training_pool_size, acfg.search_pool, acfg.search_pool_size)
 
     def generate(candidate: int, mode: str, sg: int, origin: int) -> Atoms:
@@ -310,6 +310,7 @@ def build_pool(ctx: RunContext) -> Pool:
             comp, constraints, candidate_rng(cfg.seed, candidate), mode=mode,
             spacegroups=[sg] if mode == "symmetric" else None,
             max_attempts=cfg.structures.max_attempts, pyxtal_timeout_s=cfg.structures.pyxtal_timeout_s,
+            cell=cfg.structures.cell,
         )
 
     return generate_pool(spec, generate, progress=ctx.progress, log=ctx.log)

@@ -72,7 +72,7 @@ def _relax_candidate(ctx: RunContext, i: int) -> StructureRecord:
     atoms = generate_structure(
         ctx.composition, ctx.constraints, candidate_rng(cfg.seed, i), mode=cfg.structures.mode,
         spacegroups=cfg.structures.spacegroups, max_attempts=cfg.structures.max_attempts,
-        pyxtal_timeout_s=cfg.structures.pyxtal_timeout_s,
+        pyxtal_timeout_s=cfg.structures.pyxtal_timeout_s, cell=cfg.structures.cell,
     )
     calls_start = ctx.oracle.calls
     result = relax_structure(

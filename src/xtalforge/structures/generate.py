@@ -27,6 +27,17 @@ from xtalforge.structures.constraints import Constraints, as_composition, atomic
 from xtalforge.timeouts import time_limit as run_time_limit
 
 MODES = ("symmetric", "random")
+CELLS = ("conventional", "primitive")
+# Primitive basis vectors of each centring, in fractional coordinates of the conventional cell
+# (standard settings as PyXtal and ASE use them; R in the hexagonal, obverse setting).
+CENTRING_TO_PRIMITIVE = {
+    "P": np.eye(3),
+    "A": np.array([[1.0, 0.0, 0.0], [0.0, 0.5, -0.5], [0.0, 0.5, 0.5]]),
+    "C": np.array([[0.5, -0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]),
+    "I": np.array([[-0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.5, 0.5, -0.5]]),
+    "F": np.array([[0.0, 0.5, 0.5], [0.5, 0.0, 0.5], [0.5, 0.5, 0.0]]),
+    "R": np.array([[2 / 3, 1 / 3, 1 / 3], [-1 / 3, 1 / 3, 1 / 3], [-1 / 3, -2 / 3, 1 / 3]]),
+}
 ANGLE_RANGE_DEG = (60.0, 120.0)  # cell angles of fully random structures
 MIN_CELL_SHAPE_FACTOR = 0.25  # V / (abc) below this is a needle-like cell: redrawn
 CELL_DRAWS = 64  # cell shapes drawn at once per random attempt (vectorised rejection)
@@ -114,14 +125,40 @@ def _atom_counts(composition: Composition) -> tuple[int, ...]:
     return tuple(n for _, n in composition.counts)
 
 
+@cache
+def centring(spacegroup: int) -> str:
+    """The lattice centring letter of a space group in its standard setting (P, A, C, I, F or R)."""
+    from ase.spacegroup import Spacegroup
+
+    return Spacegroup(spacegroup).lattice
+
+
+def lattice_points(spacegroup: int) -> int:
+    """Lattice points per conventional cell: how many primitive cells the conventional one holds."""
+    return round(1.0 / np.linalg.det(CENTRING_TO_PRIMITIVE[centring(spacegroup)]))
+
+
+def conventional_counts(spacegroup: int, counts: tuple[int, ...], cell: str) -> tuple[int, ...]:
+    """Atom counts PyXtal places in the conventional cell so that the structure has ``counts`` in ``cell``."""
+    if cell == "conventional":
+        return counts
+    return tuple(n * lattice_points(spacegroup) for n in counts)
+
+
 def compatible_spacegroups(
     composition: Composition | str,
     max_tries: int = 0,
     constraints: Constraints | None = None,
     seed: int = 0,
     pyxtal_timeout_s: float = 10.0,
+    cell: str = "conventional",
 ) -> list[int]:
     """Space groups (1-230) whose Wyckoff positions can hold the composition's atom counts.
+
+    ``cell="conventional"``: the atoms fill the conventional cell of the group.
+    ``cell="primitive"``: they fill its primitive cell (a centred conventional cell holds 2, 3
+    or 4 times as many), as a crystal's smallest cell does: corundum's ten-atom Al4O6 cell
+    exists only in this sense (its conventional R-3c cell holds Al12O18).
 
     The counting check is exact and cached per composition. With ``max_tries > 0``
     a group is kept only when PyXtal also builds a structure satisfying
@@ -130,7 +167,8 @@ def compatible_spacegroups(
     dropped before a search asks them for pools of candidates.
     """
     composition = as_composition(composition)
-    groups = _count_compatible(_atom_counts(composition))
+    _check_cell(cell)
+    groups = _count_compatible(_atom_counts(composition), cell)
     if max_tries <= 0:
         return list(groups)
     constraints = (constraints or Constraints()).resolved(composition)
@@ -145,6 +183,7 @@ def compatible_spacegroups(
                 spacegroups=[spacegroup],
                 max_attempts=max_tries,
                 pyxtal_timeout_s=pyxtal_timeout_s,
+                cell=cell,
             )
         except ConstraintError:
             continue
@@ -153,8 +192,13 @@ def compatible_spacegroups(
 
 
 @lru_cache(maxsize=256)
-def _count_compatible(counts: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(sg for sg in range(1, 231) if wyckoff_compatible(sg, counts)[0])
+def _count_compatible(counts: tuple[int, ...], cell: str = "conventional") -> tuple[int, ...]:
+    return tuple(sg for sg in range(1, 231) if wyckoff_compatible(sg, conventional_counts(sg, counts, cell))[0])
+
+
+def _check_cell(cell: str) -> None:
+    if cell not in CELLS:
+        raise ConfigError(f"unknown cell {cell!r} for symmetric structures: use one of {', '.join(CELLS)}")
 
 
 # -- time limit for one PyXtal call ------------------------------------------------------
@@ -184,12 +228,15 @@ def generate_structure(
     spacegroups: list[int] | None = None,
     max_attempts: int = 200,
     pyxtal_timeout_s: float | None = 10.0,
+    cell: str = "conventional",
 ) -> Atoms:
     """One random structure of ``composition`` that satisfies ``constraints``.
 
     ``mode="symmetric"``: PyXtal places atoms on Wyckoff positions of a space group
     drawn uniformly from ``spacegroups`` (default: all compatible ones); a group whose
-    PyXtal call runs past ``pyxtal_timeout_s`` is dropped for the rest of this call.
+    PyXtal call runs past ``pyxtal_timeout_s`` is dropped for the rest of this call;
+    ``cell`` says whether the atoms fill the group's conventional or primitive cell
+    (see :func:`compatible_spacegroups`).
     ``mode="random"``: a random cell (angles 60-120°) with atoms inserted one by one
     at random positions clear of the minimum distances.
     The result carries ``info["spacegroup"]`` (the generating group; 1 for random)
@@ -201,8 +248,9 @@ def generate_structure(
     if max_attempts < 1:
         raise ConstraintError(f"max_attempts must be >= 1, got {max_attempts}")
     if mode == "symmetric":
+        _check_cell(cell)
         attempt = _SymmetricAttempt(
-            composition, constraints, spacegroups, pyxtal_timeout_s
+            composition, constraints, spacegroups, pyxtal_timeout_s, cell
         )
     elif mode == "random":
         attempt = _RandomAttempt(composition, constraints)
@@ -242,6 +290,7 @@ def generate_many(
     pyxtal_timeout_s: float | None = 10.0,
     start: int = 0,
     progress: bool = True,
+    cell: str = "conventional",
 ) -> list[Atoms]:
     """Candidates ``start`` .. ``start + n - 1``; candidate i is drawn from ``candidate_rng(seed, i)``."""
     composition = as_composition(composition)
@@ -261,6 +310,7 @@ def generate_many(
             spacegroups=spacegroups,
             max_attempts=max_attempts,
             pyxtal_timeout_s=pyxtal_timeout_s,
+            cell=cell,
         )
         for i in indices
     ]
@@ -306,12 +356,13 @@ def _fit_volume(
 class _SymmetricAttempt:
     """One PyXtal structure in a random compatible space group, fitted to the constraints."""
 
-    def __init__(self, composition, constraints, spacegroups, timeout_s):
+    def __init__(self, composition, constraints, spacegroups, timeout_s, cell="conventional"):
         from pyxtal.tolerance import Tol_matrix
 
         self.composition = composition
         self.constraints = constraints
         self.counts = _atom_counts(composition)
+        self.cell = cell
         self.spacegroups = self._checked_spacegroups(spacegroups)
         self.timeout_s = timeout_s
         elements = composition.elements
@@ -331,7 +382,7 @@ class _SymmetricAttempt:
         self.volume_factor = float((low + high) / 2 / expected)
 
     def _checked_spacegroups(self, spacegroups) -> list[int]:
-        compatible = _count_compatible(self.counts)
+        compatible = _count_compatible(self.counts, self.cell)
         if spacegroups is None:
             return list(compatible)
         spacegroups = [int(sg) for sg in spacegroups]
@@ -347,8 +398,8 @@ class _SymmetricAttempt:
         incompatible = [sg for sg in spacegroups if sg not in compatible]
         if incompatible:
             raise ConstraintError(
-                f"space group {incompatible[0]} has no Wyckoff positions for {self.composition.formula}: "
-                "choose from compatible_spacegroups(composition)"
+                f"space group {incompatible[0]} has no Wyckoff positions for {self.composition.formula} "
+                f"in its {self.cell} cell: choose from compatible_spacegroups(composition, cell={self.cell!r})"
             )
         return sorted(set(spacegroups))
 
@@ -368,6 +419,8 @@ class _SymmetricAttempt:
         except Exception as error:  # noqa: BLE001 (PyXtal fails with assorted exception types)
             raise _Rejected(f"PyXtal failed ({type(error).__name__})") from None
         atoms = crystal.to_ase(resort=False)
+        if self.cell == "primitive" and centring(spacegroup) != "P":
+            atoms = _primitive_cell(atoms, spacegroup)
         elements = self.composition.elements
         atoms = atoms[
             np.argsort(
@@ -389,13 +442,30 @@ class _SymmetricAttempt:
                 3,
                 _pyxtal_group(spacegroup),
                 self.composition.elements,
-                list(self.counts),
+                list(conventional_counts(spacegroup, self.counts, self.cell)),
                 factor=self.volume_factor,
                 tm=self.tolerances,
                 max_count=1,
                 random_state=rng,
             )
         return crystal
+
+
+def _primitive_cell(atoms: Atoms, spacegroup: int) -> Atoms:
+    """The primitive cell of a centred conventional cell, Niggli-reduced (one atom per lattice-point orbit)."""
+    from ase.build import niggli_reduce
+
+    cell = CENTRING_TO_PRIMITIVE[centring(spacegroup)] @ atoms.cell.array
+    fractional = np.linalg.solve(cell.T, atoms.positions.T).T % 1.0
+    # Atoms one centring translation apart land on the same fractional position.
+    key = np.round(fractional * 1e5).astype(np.int64) % 100000
+    _, first = np.unique(key, axis=0, return_index=True)
+    first = np.sort(first)
+    if len(first) * lattice_points(spacegroup) != len(atoms):
+        raise _Rejected("the primitive cell did not hold one atom per lattice-point orbit")
+    primitive = Atoms(atoms.numbers[first], scaled_positions=fractional[first], cell=cell, pbc=True)
+    niggli_reduce(primitive)
+    return primitive
 
 
 @lru_cache(maxsize=None)
