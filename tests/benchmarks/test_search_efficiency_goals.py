@@ -56,3 +56,17 @@ def test_measured_random_medians_decide_and_modes_are_judged_apart(bench):
 def test_random_search_below_3000_calls_sets_no_tenfold_goal(bench):
     quick = [run("random", "symmetric", s, True, 150, to_target=150) for s in range(3)]
     assert bench.goals(active("symmetric", [200, 210, 220]) + quick)["X"]["tenfold_where_random_above_3000"] is None
+
+
+def test_reuse_takes_no_runs_from_a_file_whose_candidates_filled_another_cell(bench, tmp_path):
+    import json
+
+    rows = active("symmetric", [300]) + random_missed("symmetric")
+    old = tmp_path / "conventional.json"
+    old.write_text(json.dumps({"oracle": "sevennet", "runs": rows, "active_overrides": {}}))  # before --cell existed
+    new = tmp_path / "primitive.json"
+    new.write_text(json.dumps({"oracle": "sevennet", "runs": rows, "active_overrides": {}, "cell": "primitive"}))
+    taken, _ = bench.reusable_rows([old, new], "sevennet", {"random", "active"}, {}, "primitive")
+    assert len(taken) == 4 and all(row["reused_from"].startswith("primitive.json") for row in taken.values())
+    taken, _ = bench.reusable_rows([old, new], "sevennet", {"random", "active"}, {}, "conventional")
+    assert len(taken) == 4 and all(row["reused_from"].startswith("conventional.json") for row in taken.values())

@@ -17,7 +17,12 @@ from xtalforge.structures import (
     generate_many,
     generate_structure,
 )
-from xtalforge.structures.generate import _primitive_cell, lattice_points, time_limit, wyckoff_compatible
+from xtalforge.structures.generate import (
+    _primitive_cell,
+    lattice_points,
+    time_limit,
+    wyckoff_compatible,
+)
 
 TABLE_I = {
     "Si-Si": 1.6,
