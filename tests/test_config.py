@@ -50,3 +50,17 @@ def test_invalid_toml_and_missing_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_every_example_loads_with_its_commented_options_switched_on(tmp_path):
+    import re
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.toml"))
+    assert examples
+    for example in examples:
+        load_config(example)
+        # "# key = value" lines are options a user may switch on: they must be valid keys too
+        switched = re.sub(r"^# ([a-z_]+ = )", r"\1", example.read_text(), flags=re.MULTILINE)
+        (tmp_path / example.name).write_text(switched)
+        load_config(tmp_path / example.name)
