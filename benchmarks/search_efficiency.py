@@ -59,7 +59,8 @@ results/search_efficiency_sevennet_zeta8.json; with stop_cycles=3 and 15 cycles 
 229 and 291 calls, results/search_efficiency_sevennet_zeta8_stop3.json). Ga8As8 seed 0 still missed (769 calls, best 0.18 eV/atom
 above zincblende). The same configuration on all four systems (that file, 2026-11-25): Na8Cl8 3 of 3
 (281, 400, 282), Al4O6 1 of 3 (471). Adding potential.energy_window=1.0 found Ga8As8 in 3 of 3 (469, 431, 471 calls;
-549, 498, 541 in all; results/search_efficiency_sevennet_energy_window.json). With --cell primitive (symmetric candidates fill the
+549, 498, 541 in all; results/search_efficiency_sevennet_energy_window.json) but Si16 in 1 of 2 (280; seed 0
+stopped at 285 calls without diamond). With --cell primitive (symmetric candidates fill the
 primitive cell of centred groups; corundum's ten-atom cell exists only so) symmetric random search found Al4O6
 in 2 of 3 (1186, 1185) and active in 2 of 3 (290, 316; results/search_efficiency_sevennet_primitive.json).
 
