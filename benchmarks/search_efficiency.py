@@ -86,6 +86,7 @@ from _common import REFERENCE_DIR, finish
 
 from xtalforge.config import RunConfig, from_dict, to_dict
 from xtalforge.search import run_search
+from xtalforge.structures.generate import CELLS
 
 # Seed 004, Table I: pair minimum distances and lattice bounds; targets from MaterialsProject.
 SYSTEMS = {
@@ -317,8 +318,9 @@ def reusable_rows(paths: list[Path], oracle: str, methods: set[str], overrides: 
         data = json.loads(path.read_text())
         if data.get("oracle") != oracle:
             raise SystemExit(f"--reuse {path}: its oracle is {data.get('oracle')!r}, not {oracle!r}")
-        if data.get("cell", "conventional") != cell:
-            print(f"--reuse {path.name}: no runs taken: its symmetric candidates filled the {data.get('cell', 'conventional')} cell")
+        file_cell = data.get("cell", "conventional")  # files from before --cell filled the conventional one
+        if file_cell != cell:
+            print(f"--reuse {path.name}: no runs taken: its symmetric candidates filled the {file_cell} cell")
             continue
         runs = [row for row in data["runs"] if "error" not in row and row["method"] in methods]
         n_active = sum(row["method"] == "active" for row in runs)
@@ -346,7 +348,7 @@ def main() -> None:
     parser.add_argument("--active-budget", type=int, default=5000, help="oracle-call cap of each active run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for the active runs (repeatable)")
-    parser.add_argument("--cell", default="conventional", choices=("conventional", "primitive"),
+    parser.add_argument("--cell", default="conventional", choices=CELLS,
                         help="cell that symmetric candidates fill, for every method (structures.cell)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep run directories here (default: a temporary one)")
     parser.add_argument("--name", default="search_efficiency", help="results/NAME.json")
