@@ -84,7 +84,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REFERENCE_DIR, finish
 
-from xtalforge.config import RunConfig, from_dict, to_dict
+from xtalforge.config import (
+    ActiveConfig,
+    PotentialConfig,
+    RelaxConfig,
+    RunConfig,
+    from_dict,
+    read_toml,
+    to_dict,
+)
+from xtalforge.errors import ConfigError
 from xtalforge.search import run_search
 from xtalforge.structures.generate import CELLS
 
@@ -148,6 +157,23 @@ def parse_overrides(items: list[str]) -> dict:
             node = node.setdefault(section, {})
         node[name] = parsed
     return out
+
+
+def settings_overrides(path: Path | None) -> dict:
+    """The overrides of a ``--settings`` file (nested tables, as ``--set`` gives them); {} without one."""
+    if path is None:
+        return {}
+    data = read_toml(path)
+    sections = {"active": ActiveConfig, "potential": PotentialConfig, "relax": RelaxConfig}
+    for name, table in data.items():
+        if name not in sections:
+            raise SystemExit(f"--settings {path}: unknown table [{name}]: it may hold "
+                             f"{', '.join(f'[{s}]' for s in sections)} (the cell is --cell)")
+        try:
+            from_dict(sections[name], table, name)  # unknown keys and wrong types fail here, not mid-run
+        except ConfigError as exc:
+            raise SystemExit(f"--settings {path}: {exc}") from None
+    return data
 
 
 def one_run(config: RunConfig, workdir: Path, label: str) -> dict:
@@ -346,6 +372,9 @@ def main() -> None:
     parser.add_argument("--oracle", default="sevennet")
     parser.add_argument("--random-budget", type=int, default=20000, help="oracle-call cap of each random-search run")
     parser.add_argument("--active-budget", type=int, default=5000, help="oracle-call cap of each active run")
+    parser.add_argument("--settings", type=Path, default=None, metavar="FILE.toml",
+                        help="TOML tables overriding the active runs' config (e.g. benchmarks/settings/*.toml); "
+                             "--set is applied on top")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for the active runs (repeatable)")
     parser.add_argument("--cell", default="conventional", choices=CELLS,
@@ -365,7 +394,8 @@ def main() -> None:
     parser.add_argument("--note", default=None, help="free text stored as the results file's note; the notes "
                         "of --reuse files are kept under notes_of_reused, except the old note of results/NAME.json")
     args = parser.parse_args()
-    overrides = parse_overrides(args.overrides)
+    overrides = settings_overrides(args.settings)
+    _merge(overrides, parse_overrides(args.overrides))
     systems = args.systems.split(",")
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:

@@ -243,6 +243,10 @@ class ActiveConfig:
     stop_max_uncertain: float = 0.5
     validate: bool = True  # relax the best structure of each of the stop_k lowest clusters with the oracle
     validate_lowest: int | None = None  # also validate the n lowest pool structures outside them; None = stop_k
+    # Where those n lowest come from: the "search" pool (as the clusters), or "all" structures the
+    # ensemble relaxed, training pool included (Al4O6 seed 2: corundum was the lowest structure of
+    # the training pool while the search pool's lowest cluster was Amm2, 25 meV/atom above).
+    validate_lowest_from: Literal["search", "all"] = "search"
     # Confirmation (our addition; the paper validates once): when the lowest oracle-validated energy
     # differs from the ensemble's lowest prediction by more than confirm_tol, the ensemble has not learnt
     # the bottom of the landscape. The validation trajectories (oracle energies, forces, stresses) then

@@ -70,3 +70,19 @@ def test_reuse_takes_no_runs_from_a_file_whose_candidates_filled_another_cell(be
     assert len(taken) == 4 and all(row["reused_from"].startswith("primitive.json") for row in taken.values())
     taken, _ = bench.reusable_rows([old, new], "sevennet", {"random", "active"}, {}, "conventional")
     assert len(taken) == 4 and all(row["reused_from"].startswith("conventional.json") for row in taken.values())
+
+
+def test_settings_files_load_and_bad_ones_fail_before_any_run(bench, tmp_path):
+    for path in sorted((SCRIPT.parent / "settings").glob("*.toml")):
+        overrides = bench.settings_overrides(path)
+        config = bench.method_config(bench.base_config("Si16", 0, "symmetric", "sw", tmp_path), "active", 100,
+                                     "symmetric", overrides)
+        assert config.active.per_spacegroup == overrides["active"]["per_spacegroup"]
+    assert bench.settings_overrides(None) == {}
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[active]\nbatch_sise = 30\n")
+    with pytest.raises(SystemExit, match="batch_sise"):
+        bench.settings_overrides(bad)
+    bad.write_text("[structures]\ncell = 'primitive'\n")
+    with pytest.raises(SystemExit, match="--cell"):
+        bench.settings_overrides(bad)

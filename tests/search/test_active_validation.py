@@ -57,3 +57,12 @@ def test_options_change_what_is_validated(pool):
     assert sorted(t.key for t in validation_tasks(_Ctx(stop_k=10), pool)) == [0, 3, 4, 5]
     with_training = validation_tasks(_Ctx(stop_k=1, merge_window=0.0, stop_include_training=True), pool)
     assert [t.key for t in with_training] == [6]
+
+
+def test_the_lowest_structures_may_come_from_the_training_pool_too(pool):
+    ctx = _Ctx(stop_k=1, merge_window=0.0, validate_lowest=1, validate_lowest_from="all")
+    # The fixture's lowest training structure is a rattled diamond: the same crystal as the chosen cluster minimum.
+    assert [t.key for t in validation_tasks(ctx, pool)] == [0]
+    pool.atoms[6] = pool.atoms[4].copy()  # beta-tin, lowest of the whole pool
+    assert [(t.key, t.reason) for t in validation_tasks(ctx, pool)] == [(6, "outside clusters"), (0, "cluster")]
+    assert [t.key for t in validation_tasks(_Ctx(stop_k=1, merge_window=0.0, validate_lowest=1), pool)] == [0]

@@ -597,7 +597,8 @@ def validation_tasks(ctx: RunContext, pool: Pool) -> list[ValidationTask]:
     whose lowest member is the same structure as a lower one (so k distinct minima are
     validated); within each such cluster, a low member (within ``merge_window``) that
     is a different structure (merged clusters); and the ``validate_lowest`` lowest
-    structures of the pool that lie outside the chosen clusters.
+    structures of the pool (``validate_lowest_from``: the search pool or both) that lie
+    outside the chosen clusters and are not one of the structures chosen so far.
     """
     from xtalforge.similarity import matches
 
@@ -627,7 +628,7 @@ def validation_tasks(ctx: RunContext, pool: Pool) -> list[ValidationTask]:
             if distinct is not None:
                 add(distinct, "merged cluster", cluster_rank=len(chosen_labels))
     n_lowest = acfg.stop_k if acfg.validate_lowest is None else acfg.validate_lowest
-    candidates = np.flatnonzero(mask)
+    candidates = np.flatnonzero(mask if acfg.validate_lowest_from == "search" else pool.evaluated)
     for index in candidates[np.argsort(energy[candidates], kind="stable")][:n_lowest]:
         if int(pool.cluster[index]) in chosen_labels or any(t.key == index for t in tasks):
             continue
