@@ -82,20 +82,13 @@ import sys
 import tempfile
 import time
 import tomllib
+import typing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REFERENCE_DIR, finish
 
-from xtalforge.config import (
-    ActiveConfig,
-    PotentialConfig,
-    RelaxConfig,
-    RunConfig,
-    from_dict,
-    read_toml,
-    to_dict,
-)
+from xtalforge.config import RunConfig, from_dict, read_toml, to_dict
 from xtalforge.errors import ConfigError
 from xtalforge.search import run_search
 from xtalforge.structures.generate import CELLS
@@ -167,13 +160,13 @@ def settings_overrides(path: Path | None) -> dict:
     if path is None:
         return {}
     data = read_toml(path)
-    sections = {"active": ActiveConfig, "potential": PotentialConfig, "relax": RelaxConfig}
+    sections = ("active", "potential", "relax")
     for name, table in data.items():
         if name not in sections:
             raise SystemExit(f"--settings {path}: unknown table [{name}]: it may hold "
                              f"{', '.join(f'[{s}]' for s in sections)} (the cell is --cell)")
         try:
-            from_dict(sections[name], table, name)  # unknown keys and wrong types fail here, not mid-run
+            from_dict(typing.get_type_hints(RunConfig)[name], table, name)  # bad keys fail here, not mid-run
         except ConfigError as exc:
             raise SystemExit(f"--settings {path}: {exc}") from None
     return data
