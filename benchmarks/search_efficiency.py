@@ -88,7 +88,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REFERENCE_DIR, finish
 
-from xtalforge.config import RunConfig, from_dict, read_toml, to_dict
+from xtalforge.config import RelaxConfig, RunConfig, from_dict, read_toml, to_dict
 from xtalforge.errors import ConfigError
 from xtalforge.search import run_search
 from xtalforge.structures.generate import CELLS
@@ -328,9 +328,10 @@ def reusable_rows(paths: list[Path], oracle: str, methods: set[str], overrides: 
     """Rows of ``methods`` in earlier results files with the same oracle, keyed by (system, mode, seed, method),
     and the files' notes by file name.
 
-    Random-search runs depend on the seed and budget only; active runs also on the settings, so
-    they are taken only from files made with the same ``--set`` overrides; the others are skipped
-    with a notice, and that file's random runs are still taken. Files whose symmetric candidates
+    Random-search runs depend on the seed, the budget and the [relax] defaults it searches with;
+    active runs also on the settings and the validation defaults, so they are taken only from
+    files made with the same ``--set`` overrides and [relax] defaults; the others are skipped with
+    a notice, and that file's random runs are still taken. Files whose symmetric candidates
     filled another cell (``--cell``) give no runs at all.
     """
     import json
@@ -345,11 +346,17 @@ def reusable_rows(paths: list[Path], oracle: str, methods: set[str], overrides: 
             print(f"--reuse {path.name}: no runs taken: its symmetric candidates filled the {file_cell} cell")
             continue
         runs = [row for row in data["runs"] if "error" not in row and row["method"] in methods]
-        n_active = sum(row["method"] == "active" for row in runs)
-        if n_active and data.get("active_overrides") != overrides:
-            print(f"--reuse {path.name}: {n_active} active runs not taken: they used --set "
-                  f"{data.get('active_overrides')}, not {overrides}")
-            runs = [row for row in runs if row["method"] != "active"]
+        relax_then = data.get("relax_defaults", LEGACY_RELAX_DEFAULTS)
+        for method, problem in (("active", data.get("active_overrides") != overrides and
+                                 f"they used --set {data.get('active_overrides')}, not {overrides}"),
+                                ("active", relax_then != RELAX_DEFAULTS and
+                                 f"they ran with the [relax] defaults {_changed(relax_then)}"),
+                                ("random", _search_relax(relax_then) != _search_relax(RELAX_DEFAULTS) and
+                                 f"they ran with the [relax] defaults {_changed(relax_then)}")):
+            n = sum(row["method"] == method for row in runs)
+            if n and problem:
+                print(f"--reuse {path.name}: {n} {method} runs not taken: {problem}")
+                runs = [row for row in runs if row["method"] != method]
         for row in runs:
             key = (row["system"], row["mode"], row["seed"], row["method"])
             rows[key] = {**row, "reused_from": f"{path.name} ({data.get('date')})"}
@@ -357,6 +364,20 @@ def reusable_rows(paths: list[Path], oracle: str, methods: set[str], overrides: 
         if data.get("note"):
             notes[path.name] = data["note"]
     return rows, notes
+
+
+RELAX_DEFAULTS = to_dict(RelaxConfig())
+# Files written before they recorded their [relax] defaults validated with FIRE, the only default changed since.
+LEGACY_RELAX_DEFAULTS = {**RELAX_DEFAULTS, "validation_optimizer": "FIRE"}
+
+
+def _search_relax(relax: dict) -> dict:
+    """The [relax] keys random search uses: all but the validation ones."""
+    return {key: value for key, value in relax.items() if not key.startswith("validation_")}
+
+
+def _changed(relax: dict) -> str:
+    return ", ".join(f"{key} = {value!r}" for key, value in relax.items() if RELAX_DEFAULTS.get(key) != value)
 
 
 def main() -> None:
@@ -439,6 +460,7 @@ def main() -> None:
         "random_budget": args.random_budget, "active_budget": args.active_budget, "cell": args.cell,
         "active_overrides": overrides, "goals": goals(rows), "runs": rows,
         "active_defaults": to_dict(from_dict(RunConfig, {"composition": "Si"})).get("active"),
+        "relax_defaults": RELAX_DEFAULTS,
     })
 
 

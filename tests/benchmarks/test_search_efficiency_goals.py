@@ -63,13 +63,36 @@ def test_reuse_takes_no_runs_from_a_file_whose_candidates_filled_another_cell(be
 
     rows = active("symmetric", [300]) + random_missed("symmetric")
     old = tmp_path / "conventional.json"
-    old.write_text(json.dumps({"oracle": "sevennet", "runs": rows, "active_overrides": {}}))  # before --cell existed
+    relax = bench.RELAX_DEFAULTS
+    old.write_text(json.dumps({"oracle": "sevennet", "runs": rows, "active_overrides": {},
+                               "relax_defaults": relax}))  # before --cell existed
     new = tmp_path / "primitive.json"
-    new.write_text(json.dumps({"oracle": "sevennet", "runs": rows, "active_overrides": {}, "cell": "primitive"}))
+    new.write_text(json.dumps({"oracle": "sevennet", "runs": rows, "active_overrides": {}, "cell": "primitive",
+                               "relax_defaults": relax}))
     taken, _ = bench.reusable_rows([old, new], "sevennet", {"random", "active"}, {}, "primitive")
     assert len(taken) == 4 and all(row["reused_from"].startswith("primitive.json") for row in taken.values())
     taken, _ = bench.reusable_rows([old, new], "sevennet", {"random", "active"}, {}, "conventional")
     assert len(taken) == 4 and all(row["reused_from"].startswith("conventional.json") for row in taken.values())
+
+
+def test_reuse_skips_active_runs_validated_with_other_relax_defaults(bench, tmp_path):
+    import json
+
+    rows = active("symmetric", [300]) + random_missed("symmetric")
+    legacy = tmp_path / "legacy.json"  # written before files recorded [relax]: validation used FIRE
+    legacy.write_text(json.dumps({"oracle": "sevennet", "runs": rows, "active_overrides": {}}))
+    taken, _ = bench.reusable_rows([legacy], "sevennet", {"random", "active"}, {})
+    assert {key[3] for key in taken} == {"random"}
+    other_search = tmp_path / "other_search.json"
+    other_search.write_text(json.dumps({"oracle": "sevennet", "runs": rows, "active_overrides": {},
+                                        "relax_defaults": {**bench.RELAX_DEFAULTS, "fmax": 0.1}}))
+    taken, _ = bench.reusable_rows([other_search], "sevennet", {"random", "active"}, {})
+    assert taken == {}
+    current = tmp_path / "current.json"
+    current.write_text(json.dumps({"oracle": "sevennet", "runs": rows, "active_overrides": {},
+                                   "relax_defaults": bench.RELAX_DEFAULTS}))
+    taken, _ = bench.reusable_rows([current], "sevennet", {"random", "active"}, {})
+    assert {key[3] for key in taken} == {"random", "active"}
 
 
 def test_settings_files_load_and_bad_ones_fail_before_any_run(bench, tmp_path):

@@ -55,7 +55,7 @@ class ExpandingCalculator(Calculator):
         }
 
 
-@pytest.mark.parametrize("optimizer", ["FIRE", "LBFGS"])
+@pytest.mark.parametrize("optimizer", ["FIRE", "LBFGS", "BFGS"])
 def test_rattled_diamond_silicon_converges(optimizer):
     atoms = rattled_silicon()
     before = atoms.get_positions().copy()
@@ -83,11 +83,23 @@ def test_oracle_calls_are_counted_by_difference():
 
 
 def test_validation_thresholds_are_tighter():
-    search = relax_structure(rattled_silicon(), stillinger_weber(), RelaxConfig())
-    validation = relax_structure(rattled_silicon(), stillinger_weber(), RelaxConfig(), validation=True)
+    config = RelaxConfig(validation_optimizer="FIRE")
+    search = relax_structure(rattled_silicon(), stillinger_weber(), config)
+    validation = relax_structure(rattled_silicon(), stillinger_weber(), config, validation=True)
     assert validation.status == "converged"
     assert validation.fmax < 0.02 and validation.smax_gpa < 0.4
     assert validation.n_steps > search.n_steps
+
+
+def test_validation_uses_its_own_optimizer():
+    same_thresholds = {"validation_fmax": 0.05, "validation_smax_gpa": 2.0, "validation_max_steps": 300}
+    bfgs = relax_structure(rattled_silicon(), stillinger_weber(), RelaxConfig(optimizer="BFGS"))
+    as_validation = relax_structure(rattled_silicon(), stillinger_weber(),
+                                    RelaxConfig(validation_optimizer="BFGS", **same_thresholds), validation=True)
+    fire = relax_structure(rattled_silicon(), stillinger_weber(),
+                           RelaxConfig(validation_optimizer="FIRE", **same_thresholds), validation=True)
+    assert as_validation.n_steps == bfgs.n_steps and as_validation.energies == bfgs.energies
+    assert fire.n_steps != bfgs.n_steps
 
 
 def test_max_steps_stops_early_and_is_usable():

@@ -1,6 +1,6 @@
 """Relaxation of one structure with an ASE calculator (the oracle): positions and cell.
 
-ASE's FIRE or L-BFGS move a ``FrechetCellFilter`` (positions plus the log of the
+ASE's FIRE, L-BFGS or BFGS move a ``FrechetCellFilter`` (positions plus the log of the
 deformation gradient; the external pressure enters as an enthalpy term). The step loop
 is written out here rather than hidden in observers so one iteration reads top to
 bottom: geometry guards, one calculator evaluation, value guards, stop criteria, one
@@ -21,14 +21,14 @@ from ase.calculators.calculator import Calculator
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.filters import FrechetCellFilter
 from ase.io.trajectory import Trajectory
-from ase.optimize import FIRE, LBFGS
+from ase.optimize import BFGS, FIRE, LBFGS
 from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
 
 from xtalforge.config import RelaxConfig
 from xtalforge.dynamics.guards import MinDistances, check_cell, check_close_pairs, check_values, pair_thresholds
 from xtalforge.oracles.counting import CountingCalculator
 
-OPTIMIZERS = {"FIRE": FIRE, "LBFGS": LBFGS}
+OPTIMIZERS = {"FIRE": FIRE, "LBFGS": LBFGS, "BFGS": BFGS}
 STATUSES = ("converged", "max_steps", "stalled", "failed")
 
 
@@ -60,6 +60,7 @@ class _Criteria:
     smax_gpa: float
     max_steps: int
     patience: int
+    optimizer: str
 
 
 @dataclass
@@ -89,7 +90,7 @@ def relax_structure(
     enthalpy has not decreased for ``patience`` steps ("stalled"), after ``max_steps``
     ("max_steps"), or when a guard fires ("failed": overlapping atoms, exploding cell,
     non-finite or absurd values, a calculator exception). ``validation=True`` uses the
-    tighter validation thresholds and step limit of ``config``.
+    tighter validation thresholds, step limit and optimizer of ``config``.
 
     ``min_distances`` is the per-atom-pair minimum-distance matrix (N, N) of the
     generation constraints, or a callable ``numbers -> matrix``; a pair fails below
@@ -108,7 +109,7 @@ def relax_structure(
     relax_cell = bool(work.cell.rank == 3 and work.pbc.all())
     pressure = pressure_gpa * units.GPa
     target = FrechetCellFilter(work, scalar_pressure=pressure) if relax_cell else work
-    optimizer = OPTIMIZERS[config.optimizer](target, logfile=None)
+    optimizer = OPTIMIZERS[criteria.optimizer](target, logfile=None)
     thresholds = pair_thresholds(work.numbers, min_distances, config.min_distance_factor, config.min_distance_floor)
     initial_volume = work.get_volume() if relax_cell else None
 
@@ -150,8 +151,9 @@ def relax_structure(
 
 def _criteria(config: RelaxConfig, validation: bool) -> _Criteria:
     if validation:
-        return _Criteria(config.validation_fmax, config.validation_smax_gpa, config.validation_max_steps, config.patience)
-    return _Criteria(config.fmax, config.smax_gpa, config.max_steps, config.patience)
+        return _Criteria(config.validation_fmax, config.validation_smax_gpa, config.validation_max_steps, config.patience,
+                         config.validation_optimizer)
+    return _Criteria(config.fmax, config.smax_gpa, config.max_steps, config.patience, config.optimizer)
 
 
 def _counted(calculator: Calculator) -> tuple[Calculator, int]:
