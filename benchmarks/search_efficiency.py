@@ -330,9 +330,9 @@ def reusable_rows(paths: list[Path], oracle: str, methods: set[str], overrides: 
 
     Random-search runs depend on the seed, the budget and the [relax] defaults it searches with;
     active runs also on the settings and the validation defaults, so they are taken only from
-    files made with the same ``--set`` overrides and [relax] defaults; the others are skipped with
-    a notice, and that file's random runs are still taken. Files whose symmetric candidates
-    filled another cell (``--cell``) give no runs at all.
+    files made with the same ``--set`` overrides and [relax] defaults. Runs with symmetric
+    candidates are taken only from files whose candidates filled the same cell (``--cell``); fully
+    random candidates fill no space group's cell. Runs left out are named with the reason.
     """
     import json
 
@@ -342,21 +342,21 @@ def reusable_rows(paths: list[Path], oracle: str, methods: set[str], overrides: 
         if data.get("oracle") != oracle:
             raise SystemExit(f"--reuse {path}: its oracle is {data.get('oracle')!r}, not {oracle!r}")
         file_cell = data.get("cell", "conventional")  # files from before --cell filled the conventional one
-        if file_cell != cell:
-            print(f"--reuse {path.name}: no runs taken: its symmetric candidates filled the {file_cell} cell")
-            continue
-        runs = [row for row in data["runs"] if "error" not in row and row["method"] in methods]
         relax_then = data.get("relax_defaults", LEGACY_RELAX_DEFAULTS)
-        for method, problem in (("active", data.get("active_overrides") != overrides and
-                                 f"they used --set {data.get('active_overrides')}, not {overrides}"),
-                                ("active", relax_then != RELAX_DEFAULTS and
-                                 f"they ran with the [relax] defaults {_changed(relax_then)}"),
-                                ("random", _search_relax(relax_then) != _search_relax(RELAX_DEFAULTS) and
-                                 f"they ran with the [relax] defaults {_changed(relax_then)}")):
-            n = sum(row["method"] == method for row in runs)
+        runs = [row for row in data["runs"] if "error" not in row and row["method"] in methods]
+        for (field, value), problem in (
+            (("mode", "symmetric"), file_cell != cell and f"their candidates filled the {file_cell} cell"),
+            (("method", "active"), data.get("active_overrides") != overrides and
+             f"they used --set {data.get('active_overrides')}, not {overrides}"),
+            (("method", "active"), relax_then != RELAX_DEFAULTS and
+             f"they ran with the [relax] defaults {_changed(relax_then)}"),
+            (("method", "random"), _search_relax(relax_then) != _search_relax(RELAX_DEFAULTS) and
+             f"they ran with the [relax] defaults {_changed(relax_then)}"),
+        ):
+            n = sum(row[field] == value for row in runs)
             if n and problem:
-                print(f"--reuse {path.name}: {n} {method} runs not taken: {problem}")
-                runs = [row for row in runs if row["method"] != method]
+                print(f"--reuse {path.name}: {n} {value} runs not taken: {problem}")
+                runs = [row for row in runs if row[field] != value]
         for row in runs:
             key = (row["system"], row["mode"], row["seed"], row["method"])
             rows[key] = {**row, "reused_from": f"{path.name} ({data.get('date')})"}

@@ -58,21 +58,25 @@ def test_random_search_below_3000_calls_sets_no_tenfold_goal(bench):
     assert bench.goals(active("symmetric", [200, 210, 220]) + quick)["X"]["tenfold_where_random_above_3000"] is None
 
 
-def test_reuse_takes_no_runs_from_a_file_whose_candidates_filled_another_cell(bench, tmp_path):
+def test_reuse_takes_symmetric_runs_only_from_a_file_whose_candidates_filled_the_same_cell(bench, tmp_path):
     import json
 
-    rows = active("symmetric", [300]) + random_missed("symmetric")
+    symmetric = active("symmetric", [300]) + random_missed("symmetric")
+    fully_random = active("random", [280])
     old = tmp_path / "conventional.json"
     relax = bench.RELAX_DEFAULTS
-    old.write_text(json.dumps({"oracle": "sevennet", "runs": rows, "active_overrides": {},
+    old.write_text(json.dumps({"oracle": "sevennet", "runs": symmetric + fully_random, "active_overrides": {},
                                "relax_defaults": relax}))  # before --cell existed
     new = tmp_path / "primitive.json"
-    new.write_text(json.dumps({"oracle": "sevennet", "runs": rows, "active_overrides": {}, "cell": "primitive",
+    new.write_text(json.dumps({"oracle": "sevennet", "runs": symmetric, "active_overrides": {}, "cell": "primitive",
                                "relax_defaults": relax}))
     taken, _ = bench.reusable_rows([old, new], "sevennet", {"random", "active"}, {}, "primitive")
-    assert len(taken) == 4 and all(row["reused_from"].startswith("primitive.json") for row in taken.values())
+    assert {key: row["reused_from"].split()[0] for key, row in taken.items() if key[1] == "symmetric"} == \
+        dict.fromkeys([("X", "symmetric", 0, "active")] + [("X", "symmetric", s, "random") for s in range(3)],
+                      "primitive.json")
+    assert taken[("X", "random", 0, "active")]["reused_from"].startswith("conventional.json")  # no cell to differ
     taken, _ = bench.reusable_rows([old, new], "sevennet", {"random", "active"}, {}, "conventional")
-    assert len(taken) == 4 and all(row["reused_from"].startswith("conventional.json") for row in taken.values())
+    assert len(taken) == 5 and all(row["reused_from"].startswith("conventional.json") for row in taken.values())
 
 
 def test_reuse_skips_active_runs_validated_with_other_relax_defaults(bench, tmp_path):
