@@ -21,51 +21,18 @@ a budget of 3,000 or more counts as needing more; the check is per candidate mod
         --set active.batch_size=30 --set active.max_cycles=10 --set potential.n_models=3 \
         --set potential.hidden_layers=[15,15] --set potential.epochs=1000 --set potential.patience=50
 
-That cut-down Si16 run (2026-11-24, results/search_efficiency.json, random rows reused from the
-run before): active found diamond in all three seeds, after 310, 328 and 171 calls, and stopped on
-its own rule at 449, 402 and 394 calls in all (every validation step counted); symmetric random
-search needed 4370, 4028 and 2412. Training matters most: with potential.epochs=300, patience=100
-the members stopped at the epoch cap (validation force RMSE 1.2-1.7 eV/Å) and one seed in three
-stopped early without diamond (218 calls); labelling the training pool only (label_from =
-"training") found it in 1 of 3; batch 100 with a 1000-structure training pool missed it at 678.
-With --set active.relax_from='"initial"' (every cycle relaxes the candidates as generated instead of
-the previous cycle's pool; results/search_efficiency_sw_relax_from_initial.json) the same three seeds
-found diamond after 190, 309 and 175 calls and stopped at 271, 389 and 324 in all.
+The SevenNet-0 configuration measured on all four systems (settings/sevennet_cutdown.toml, 2 shared
+cores, 2026-12-03, results/search_efficiency_sevennet_cutdown.json):
 
-SevenNet-0, same cut-down settings plus active.confirm_tol=0.05, symmetric candidates
-(results/search_efficiency_sevennet.json, 2026-11-24): active found rocksalt Na8Cl8 in 2 of 3
-seeds (164, 233 calls; 224, 260 in all) and diamond Si16 in 1 of 3 (203; 418 in all); it missed
-zincblende Ga8As8 (3 of 3 at the 10-cycle cap, 647-757 calls) and corundum Al4O6 (313-356 calls;
-best 7.5 meV/atom above it). Symmetric random search within 3000 calls found Na8Cl8 in 2 of 3,
-Si16 in 1 of 3, Ga8As8 in 2 of 3, Al4O6 in none. With fully random candidates active found corundum
-Al4O6 in 3 of 3 (169, 267, 179 calls; at most 288 in all), rocksalt Na8Cl8 in 2 of 3 (253, 210), diamond
-Si16 in 1 of 3 (992, after two validation rounds; 1209 in all) and zincblende Ga8As8 in none (616-738);
-random search with fully random candidates (3000-call cap, results/search_efficiency_sevennet_random_mode_rs.json)
-found Na8Cl8 in 3 of 3 (231, 258, 257 calls), Si16 in 1 of 3 (2379), Ga8As8 and Al4O6 in none. In the missed runs the
-oracle confirmed the ensemble's lowest minima within 6-30 meV/atom, yet they lay 0.2-0.25 eV/atom
-above diamond for Si16: the ensembles (validation force RMSE 0.8-1.5 eV/Å) never pulled a pool
-structure into the ground-state basin; 6 per space group or a 5 x [30,30] ensemble did not change
-that for Si16 seed 0, nor did 100 labels per cycle from a 1000-structure training pool (724 calls,
-best BC8). The cycle-5 ensemble of Si16 seed 0 puts diamond 0.48 eV/atom above SevenNet-0 (ensemble
-spread 0.08), so diamond-like pool structures are neither selected nor validated: without one
-diamond-like label even 1398 pooled labels leave diamond 0.15 eV/atom too high, with one it is 0.055. With
-active.relax_from = "initial" (results/search_efficiency_sevennet_relax_from_initial.json) active found
-Na8Cl8 in 3 of 3 (201, 268, 162 calls), Si16 in 1 of 3 (490; 801 in all), Ga8As8 and Al4O6 in none.
-Adding potential.angular_zeta=[1,2,4,8], active.stop_cycles=3 and a 15-cycle cap to relax_from="initial"
-(results/search_efficiency_sevennet_zeta8_initial.json) found diamond Si16 in 3 of 3 (384, 460, 460 calls;
-446, 494, 488 in all); the control without the sharper angular functions found it in 1 of 3 (506;
-results/search_efficiency_sevennet_initial_stop3.json), and zeta up to 8 alone in 1 of 3 (310;
-results/search_efficiency_sevennet_zeta8.json; with stop_cycles=3 and 15 cycles its two misses stopped again at
-229 and 291 calls, results/search_efficiency_sevennet_zeta8_stop3.json). Ga8As8 seed 0 still missed (769 calls, best 0.18 eV/atom
-above zincblende). The same configuration on all four systems (that file, 2026-11-25): Na8Cl8 3 of 3
-(281, 400, 282), Al4O6 1 of 3 (471). Adding potential.energy_window=1.0 found Ga8As8 in 3 of 3 (469, 431, 471 calls;
-549, 498, 541 in all; results/search_efficiency_sevennet_energy_window.json) but Si16 in 1 of 2 (280; seed 0
-stopped at 285 calls without diamond). With --cell primitive (symmetric candidates fill the
-primitive cell of centred groups; corundum's ten-atom cell exists only so) symmetric random search found Al4O6
-in 2 of 3 (1186, 1185) and active in 2 of 3 (290, 316; results/search_efficiency_sevennet_primitive.json). All of it together, plus
-active.validate_lowest_from="all", is --settings settings/sevennet_cutdown.toml; with --cell primitive it
-found the ground state in 12 of 12 runs (276-523 calls to it; at most 620 in all except Al4O6 seed 2, 759;
-results/search_efficiency_sevennet_cutdown.json).
+    python benchmarks/search_efficiency.py --settings benchmarks/settings/sevennet_cutdown.toml \
+        --cell primitive --modes symmetric --active-budget 3000 --random-budget 6000
+
+found the ground state in 11 of 12 active runs, every run within 560 calls in all (Ga8As8 seed 2
+stopped at wurtzite, 0.7 meV/atom above zincblende); symmetric random search in the same cells
+needed a median of 5199 (Si16), 911 (Na8Cl8), 1186 (Al4O6) and at least 6000 (Ga8As8) calls.
+The README ("How well the active search does today") has the table, the Stillinger-Weber runs
+(results/search_efficiency.json: diamond Si16 in 3 of 3, tenfold fewer calls than random search)
+and what each option of the configuration did, with the results file of every experiment.
 
 ``--set section.key=value`` (repeatable, TOML values) overrides any config key of the
 active run (``active.*``, ``potential.*``, ``relax.*``, ...); ``--random-budget`` and
