@@ -53,6 +53,14 @@ def test_measured_random_medians_decide_and_modes_are_judged_apart(bench):
     assert tenfold["random"]["met"] is None  # 10 x 900 > 3000, a lower bound
 
 
+def test_seed_004_comparison_sets_symmetric_active_runs_against_fully_random_search(bench):
+    rows = active("symmetric", [420, 450, 560]) + random_missed("random", budget=6000)
+    tenfold = bench.goals(rows)["X"]["tenfold_where_random_above_3000"]
+    assert list(tenfold) == [bench.SEED004_COMPARISON]  # no active runs from fully random candidates
+    assert tenfold[bench.SEED004_COMPARISON] == {"random_median_calls": 6000, "lower_bound": True,
+                                                 "active_median_calls": 450, "met": True}
+
+
 def test_random_search_below_3000_calls_sets_no_tenfold_goal(bench):
     quick = [run("random", "symmetric", s, True, 150, to_target=150) for s in range(3)]
     assert bench.goals(active("symmetric", [200, 210, 220]) + quick)["X"]["tenfold_where_random_above_3000"] is None
@@ -66,10 +74,10 @@ def test_reuse_takes_symmetric_runs_only_from_a_file_whose_candidates_filled_the
     old = tmp_path / "conventional.json"
     relax = bench.RELAX_DEFAULTS
     old.write_text(json.dumps({"oracle": "sevennet", "runs": symmetric + fully_random, "active_overrides": {},
-                               "relax_defaults": relax}))  # before --cell existed
+                               "relax_defaults": relax, "active_defaults": bench.ACTIVE_DEFAULTS}))  # before --cell
     new = tmp_path / "primitive.json"
     new.write_text(json.dumps({"oracle": "sevennet", "runs": symmetric, "active_overrides": {}, "cell": "primitive",
-                               "relax_defaults": relax}))
+                               "relax_defaults": relax, "active_defaults": bench.ACTIVE_DEFAULTS}))
     taken, _ = bench.reusable_rows([old, new], "sevennet", {"random", "active"}, {}, "primitive")
     assert {key: row["reused_from"].split()[0] for key, row in taken.items() if key[1] == "symmetric"} == \
         dict.fromkeys([("X", "symmetric", 0, "active")] + [("X", "symmetric", s, "random") for s in range(3)],
@@ -79,7 +87,7 @@ def test_reuse_takes_symmetric_runs_only_from_a_file_whose_candidates_filled_the
     assert len(taken) == 5 and all(row["reused_from"].startswith("conventional.json") for row in taken.values())
 
 
-def test_reuse_skips_active_runs_validated_with_other_relax_defaults(bench, tmp_path):
+def test_reuse_skips_active_runs_made_with_other_relax_or_active_defaults(bench, tmp_path):
     import json
 
     rows = active("symmetric", [300]) + random_missed("symmetric")
@@ -92,9 +100,16 @@ def test_reuse_skips_active_runs_validated_with_other_relax_defaults(bench, tmp_
                                         "relax_defaults": {**bench.RELAX_DEFAULTS, "fmax": 0.1}}))
     taken, _ = bench.reusable_rows([other_search], "sevennet", {"random", "active"}, {})
     assert taken == {}
+    older_rule = {k: v for k, v in bench.ACTIVE_DEFAULTS.items() if k != "degenerate_window"}  # before the key
+    before = tmp_path / "before_degenerate_window.json"
+    before.write_text(json.dumps({"oracle": "sevennet", "runs": rows, "active_overrides": {},
+                                  "relax_defaults": bench.RELAX_DEFAULTS, "active_defaults": older_rule}))
+    taken, _ = bench.reusable_rows([before], "sevennet", {"random", "active"}, {})
+    assert {key[3] for key in taken} == {"random"}
+    assert bench._changed(older_rule, bench.ACTIVE_DEFAULTS) == "degenerate_window unset"
     current = tmp_path / "current.json"
     current.write_text(json.dumps({"oracle": "sevennet", "runs": rows, "active_overrides": {},
-                                   "relax_defaults": bench.RELAX_DEFAULTS}))
+                                   "relax_defaults": bench.RELAX_DEFAULTS, "active_defaults": bench.ACTIVE_DEFAULTS}))
     taken, _ = bench.reusable_rows([current], "sevennet", {"random", "active"}, {})
     assert {key[3] for key in taken} == {"random", "active"}
 

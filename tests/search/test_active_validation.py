@@ -66,3 +66,24 @@ def test_the_lowest_structures_may_come_from_the_training_pool_too(pool):
     pool.atoms[6] = pool.atoms[4].copy()  # beta-tin, lowest of the whole pool
     assert [(t.key, t.reason) for t in validation_tasks(ctx, pool)] == [(6, "outside clusters"), (0, "cluster")]
     assert [t.key for t in validation_tasks(_Ctx(stop_k=1, merge_window=0.0, validate_lowest=1), pool)] == [0]
+
+
+def test_near_degenerate_minima_are_validated_wherever_they_lie(pool):
+    # Lonsdaleite, 30 meV/atom above diamond in diamond's own cluster, is validated when the window
+    # reaches it; the rattled and rotated diamonds inside the window are the same crystal as the minimum.
+    narrow = _Ctx(stop_k=1, merge_window=0.0, degenerate_window=0.02)
+    assert [t.key for t in validation_tasks(narrow, pool)] == [0]
+    wide = validation_tasks(_Ctx(stop_k=1, merge_window=0.0, degenerate_window=0.035), pool)
+    assert [(t.key, t.reason) for t in wide] == [(0, "cluster"), (3, "near-degenerate")]
+    # At most stop_k near-degenerate structures join: lonsdaleite, then simple cubic (noise, 80 meV/atom up).
+    widest = validation_tasks(_Ctx(stop_k=1, merge_window=0.0, validate_lowest=0, degenerate_window=0.2), pool)
+    assert [(t.key, t.reason) for t in widest] == [(0, "cluster"), (3, "near-degenerate")]
+    two = validation_tasks(_Ctx(stop_k=2, merge_window=0.0, validate_lowest=0, degenerate_window=0.2), pool)
+    assert [(t.key, t.reason) for t in two] == [(0, "cluster"), (3, "near-degenerate"), (5, "near-degenerate"), (4, "cluster")]
+
+
+def test_energy_windows_must_not_be_negative(pool):
+    from xtalforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="degenerate_window"):
+        validation_tasks(_Ctx(degenerate_window=-0.01), pool)

@@ -124,6 +124,8 @@ def active_config(ctx: RunContext) -> ActiveConfig:
         (0.0 <= acfg.stop_max_uncertain <= 1.0, "active.stop_max_uncertain is a fraction: give a value from 0 to 1"),
         (acfg.confirm_tol is None or acfg.confirm_tol > 0, "active.confirm_tol must be positive (or left out to validate once)"),
         (acfg.validation_rounds >= 1, "active.validation_rounds must be at least 1"),
+        (acfg.merge_window >= 0 and acfg.degenerate_window >= 0,
+         "active.merge_window and active.degenerate_window are energy windows: give 0 (off) or more"),
         (acfg.training_pool_size >= 0 and acfg.per_spacegroup >= 0, "active pool sizes must not be negative"),
         (acfg.max_cycles == 0 or acfg.training_pool_size > 0 or acfg.label_from == "all",
          "active.training_pool_size is 0 but labels come from the training pool: set label_from = \"all\""),
@@ -598,7 +600,9 @@ def validation_tasks(ctx: RunContext, pool: Pool) -> list[ValidationTask]:
     validated); within each such cluster, a low member (within ``merge_window``) that
     is a different structure (merged clusters); and the ``validate_lowest`` lowest
     structures of the pool (``validate_lowest_from``: the search pool or both) that lie
-    outside the chosen clusters and are not one of the structures chosen so far.
+    outside the chosen clusters and are not one of the structures chosen so far; and up
+    to ``stop_k`` more distinct structures within ``degenerate_window`` of the lowest
+    prediction of those structures, wherever they lie (near-degenerate minima).
     """
     from xtalforge.similarity import matches
 
@@ -634,7 +638,22 @@ def validation_tasks(ctx: RunContext, pool: Pool) -> list[ValidationTask]:
             continue
         if is_new(index):
             add(index, "outside clusters")
+    added = 0
+    for index in _lowest_within(energy, candidates, acfg.degenerate_window):
+        if added == acfg.stop_k:
+            break
+        if not any(t.key == index for t in tasks) and is_new(index):
+            add(index, "near-degenerate")
+            added += 1
     return sorted(tasks, key=lambda t: t.predicted_energy_per_atom)
+
+
+def _lowest_within(energy: np.ndarray, candidates: np.ndarray, window: float, max_checks: int = 50) -> list[int]:
+    """Candidates within ``window`` of their lowest energy, lowest first (at most ``max_checks``)."""
+    if window <= 0 or not len(candidates):
+        return []
+    order = candidates[np.argsort(energy[candidates], kind="stable")]
+    return [int(i) for i in order[energy[order] <= energy[order[0]] + window][:max_checks]]
 
 
 def _distinct_low_member(pool: Pool, members: np.ndarray, best: int, window: float, is_new, max_checks: int = 5) -> int | None:
