@@ -31,6 +31,28 @@ def test_random_search_finds_diamond_si8(sw_config_file, tmp_path, si_diamond):
     assert (tmp_path / "run" / "config.toml").exists() and (tmp_path / "run" / "run.log").exists()
     store = RunStore(tmp_path / "run")
     assert sum(r.oracle_calls for r in store.records()) == summary["oracle_calls"]
+    # The best structure was relaxed again at the validation thresholds; the search stopped at the
+    # target, so validation stopped after it too.
+    validated = store.records(stage="validation")
+    assert [r.candidate for r in validated] == [summary["best"]["candidate"]]
+    assert summary["best"]["stage"] == "validation" and validated[0].extra["matches_target"]
+
+
+def test_random_search_validates_its_best_distinct_structures(tmp_path):
+    path = tmp_path / "top.toml"
+    path.write_text('composition = "Si8"\nseed = 3\n[oracle]\nname = "sw"\n[search]\nmethod = "random"\n'
+                    "max_candidates = 6\nvalidate_top = 2\n")
+    summary = run_search(load_config(path), tmp_path / "run", progress=False)
+    store = RunStore(tmp_path / "run")
+    validated = store.records(stage="validation")
+    assert len(validated) == 2 and not matches(validated[0].relaxed, validated[1].relaxed)
+    search_best = store.best(1, stages=("search",))[0]
+    assert validated[0].candidate == search_best.candidate
+    assert all(r.energy_per_atom <= r.extra["predicted_energy_per_atom"] + 1e-3 for r in validated)
+    assert summary["oracle_calls"] == sum(r.oracle_calls for r in store.records())
+    path.write_text(path.read_text().replace("validate_top = 2", "validate_top = 0"))
+    run_search(load_config(path), tmp_path / "off", progress=False)
+    assert RunStore(tmp_path / "off").records(stage="validation") == []
 
 
 def _write_config(path, max_candidates):

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from xtalforge.dynamics import relax_structure
 from xtalforge.search.context import RunContext
 from xtalforge.search.outcome import SearchOutcome, relaxation_record, target_status
+from xtalforge.search.validation import ValidationTask, validate_structures
 from xtalforge.similarity import matches, spacegroup
 from xtalforge.store import StructureRecord
 from xtalforge.structures.generate import candidate_rng, generate_structure
@@ -44,10 +45,28 @@ def run_random_search(ctx: RunContext) -> SearchOutcome:
         bar.update(ctx.oracle_calls - calls_before)
         bar.set_postfix(best=_best_text(ctx), refresh=False)
     bar.close()
+    _validate_best(ctx)
+    found, calls_to_target = target_status(ctx.store)
     n_candidates = ctx.store.count(stage="search")
     return SearchOutcome(method=METHOD, n_candidates=n_candidates,
                          target_found=found if ctx.target is not None else None,
                          oracle_calls_to_target=calls_to_target)
+
+
+def _validate_best(ctx: RunContext) -> None:
+    """Relax the ``search.validate_top`` best distinct structures again at the validation thresholds."""
+    n = ctx.config.search.validate_top
+    tasks: list[ValidationTask] = []
+    for record in ctx.store.best(5 * n, stages=("search",)) if n > 0 else []:
+        if len(tasks) == n:
+            break
+        if not any(matches(record.relaxed, t.atoms) for t in tasks):
+            tasks.append(ValidationTask(key=record.candidate, atoms=record.relaxed.copy(), reason="best of the search",
+                                        predicted_energy_per_atom=record.energy_per_atom))
+    if tasks:
+        outcome = validate_structures(ctx, tasks, method=METHOD)
+        if outcome.stopped_early == "budget":
+            ctx.log.info("validation of the best structures stopped early: the oracle budget is spent")
 
 
 def _should_stop(ctx: RunContext, i: int, found: bool) -> bool:

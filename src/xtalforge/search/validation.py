@@ -31,7 +31,7 @@ class ValidationTask:
     key: int
     atoms: Atoms
     predicted_energy_per_atom: float | None = None
-    reason: str = "proposed"  # why it is validated, e.g. "cluster", "outside clusters", "merged cluster"
+    reason: str = "proposed"  # why it is validated, e.g. "cluster", "merged cluster", "near-degenerate"
     info: dict = field(default_factory=dict)  # JSON-serialisable provenance (cluster label, rank, …)
 
 
