@@ -648,23 +648,22 @@ def validation_tasks(ctx: RunContext, pool: Pool) -> list[ValidationTask]:
     return sorted(tasks, key=lambda t: t.predicted_energy_per_atom)
 
 
-def _lowest_within(energy: np.ndarray, candidates: np.ndarray, window: float, max_checks: int = 50) -> list[int]:
-    """Candidates within ``window`` of their lowest energy, lowest first (at most ``max_checks``)."""
+def _lowest_within(energy: np.ndarray, candidates: np.ndarray, window: float, reference: float | None = None,
+                   max_checks: int = 50) -> list[int]:
+    """Candidates within ``window`` of ``reference`` (default: their lowest energy), lowest first, at most ``max_checks``."""
     if window <= 0 or not len(candidates):
         return []
     order = candidates[np.argsort(energy[candidates], kind="stable")]
-    return [int(i) for i in order[energy[order] <= energy[order[0]] + window][:max_checks]]
+    top = energy[order[0]] if reference is None else reference
+    return [int(i) for i in order[energy[order] <= top + window][:max_checks]]
 
 
-def _distinct_low_member(pool: Pool, members: np.ndarray, best: int, window: float, is_new, max_checks: int = 5) -> int | None:
+def _distinct_low_member(pool: Pool, members: np.ndarray, best: int, window: float, is_new) -> int | None:
     """Lowest member within ``window`` of the cluster minimum that is a different structure."""
-    energy = pool.energy_per_atom
-    index = np.flatnonzero(members & (energy <= energy[best] + window))
+    index = np.flatnonzero(members)
     index = index[index != best]
-    for i in index[np.argsort(energy[index], kind="stable")][:max_checks]:
-        if is_new(i):
-            return int(i)
-    return None
+    energy = pool.energy_per_atom
+    return next((i for i in _lowest_within(energy, index, window, energy[best], max_checks=5) if is_new(i)), None)
 
 
 def _validate(ctx: RunContext, state: ActiveState, pool: Pool) -> ValidationOutcome:
