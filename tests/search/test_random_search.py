@@ -97,6 +97,26 @@ def test_resume_with_other_composition_is_refused(tmp_path):
         run_search(load_config(other), tmp_path / "run", progress=False)
 
 
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("max_oracle_calls = 0", "search.max_oracle_calls must be at least 1"),
+        ("max_candidates = 0", "search.max_candidates must be at least 1"),
+        ("max_wall_time_s = -5.0", "search.max_wall_time_s must be positive"),
+        ("top_k = 0", "search.top_k must be at least 1"),
+        ("energy_tol = -0.01", "search.energy_tol is an energy window"),
+        ("validate_top = -1", "search.validate_top must not be negative"),
+    ],
+)
+def test_out_of_range_search_settings_are_one_line_errors_before_the_run_starts(tmp_path, line, problem):
+    path = tmp_path / "bad.toml"
+    path.write_text(f'composition = "Si8"\n[oracle]\nname = "sw"\n[search]\n{line}\n')
+    with pytest.raises(ConfigError, match=problem) as err:
+        run_search(load_config(path), tmp_path / "run", progress=False)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
 def test_structures_relaxed_into_pairs_below_the_generation_minimum_are_unphysical(reference_dir):
     from types import SimpleNamespace
 

@@ -54,6 +54,7 @@ class RunContext:
 
 def open_run(config: RunConfig, run_dir: str | Path, *, oracle: Oracle | None = None, progress: bool = True) -> RunContext:
     """Create or resume the run in ``run_dir``."""
+    check_search_config(config)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(config, run_dir)
@@ -76,6 +77,24 @@ def open_run(config: RunConfig, run_dir: str | Path, *, oracle: Oracle | None = 
     if ctx.calls_before:
         ctx.log.info("resuming %s: %d structures and %d oracle calls already done", run_dir, store.count(), ctx.calls_before)
     return ctx
+
+
+def check_search_config(config: RunConfig) -> None:
+    """The ``[search]`` budgets and tolerances are in range, or a one-line ConfigError says which is not."""
+    search = config.search
+    checks = [
+        (search.max_oracle_calls >= 1, "search.max_oracle_calls must be at least 1"),
+        (search.max_candidates is None or search.max_candidates >= 1,
+         "search.max_candidates must be at least 1 (or left out for no limit)"),
+        (search.max_wall_time_s is None or search.max_wall_time_s > 0,
+         "search.max_wall_time_s must be positive (or left out for no limit)"),
+        (search.top_k >= 1, "search.top_k must be at least 1"),
+        (search.energy_tol >= 0, "search.energy_tol is an energy window in eV/atom: give 0 or more"),
+        (search.validate_top >= 0, "search.validate_top must not be negative: give 0 to turn validation off"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def _check_same_run(config: RunConfig, run_dir: Path) -> None:
