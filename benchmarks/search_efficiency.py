@@ -348,9 +348,11 @@ def reusable_rows(paths: list[Path], oracle: str, methods: set[str], overrides: 
 
 
 RELAX_DEFAULTS = to_dict(RelaxConfig())
-ACTIVE_DEFAULTS = to_dict(ActiveConfig())
-# Files written before they recorded their [relax] defaults validated with FIRE, the only default changed since.
-LEGACY_RELAX_DEFAULTS = {**RELAX_DEFAULTS, "validation_optimizer": "FIRE"}
+# Settings that cannot change a run's figures are left out of the comparison.
+ACTIVE_DEFAULTS = {k: v for k, v in to_dict(ActiveConfig()).items() if k != "generation_workers"}
+# Files written before they recorded their [relax] defaults validated with FIRE from ASE's identity Hessian.
+LEGACY_RELAX_DEFAULTS = {**{k: v for k, v in RELAX_DEFAULTS.items() if k != "validation_hessian"},
+                         "validation_optimizer": "FIRE"}
 
 
 def _search_relax(relax: dict) -> dict:

@@ -66,6 +66,10 @@ class RelaxConfig:
     validation_smax_gpa: float = 0.4  # GPa (seed 000)
     validation_max_steps: int = 500
     validation_optimizer: Literal["FIRE", "LBFGS", "BFGS"] = "BFGS"
+    # BFGS validation starts from the searching model's Hessian where the strategy has a model (the
+    # active search's ensemble): 3.6x fewer SevenNet-0 calls over 61 validations, the same minimum in
+    # 60 (benchmarks/validation_hessian.py). "identity" = ASE's default; ignored by FIRE and LBFGS.
+    validation_hessian: Literal["model", "identity"] = "model"
     min_distance_factor: float = 0.5  # fail when a pair is closer than this × its minimum distance
     energy_bounds: list[float] = field(default_factory=lambda: [-50.0, 50.0])  # eV/atom sanity bounds
     max_volume_factor: float = 4.0  # fail when the volume grows beyond this × the initial one
@@ -268,6 +272,9 @@ class ActiveConfig:
     # zincblende 2 meV/atom above wurtzite in prediction, 0.7 below it with SevenNet-0). 0 = off.
     degenerate_window: float = 0.01  # eV/atom
     model_batch: int = 1024  # structures the ensemble relaxes or evaluates together (bounds memory)
+    # Processes generating the pools (one space group per task): 0 = one per available core for
+    # pools of 200 or more. PyXtal takes about 1 s per Si46 candidate, 48 min for seed 004's pools.
+    generation_workers: int = 0
     initial_models: str | None = None  # ensemble file trained elsewhere: relaxes the pool before cycle 1
     initial_dataset: str | None = None  # extxyz/ASE db of labelled frames added to every training set
 

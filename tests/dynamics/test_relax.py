@@ -214,3 +214,64 @@ def test_molecule_relaxes_positions_only():
     result = relax_structure(dimer, EMT(), RelaxConfig())
     assert result.status == "converged" and result.smax_gpa is None
     assert 2.0 < result.atoms.get_distance(0, 1) < 2.6
+
+
+class HarmonicWell(Calculator):
+    """E = k/2 |r - r0|² per atom: its Hessian is k times the identity."""
+
+    implemented_properties = ["energy", "free_energy", "forces"]
+
+    def __init__(self, centre: np.ndarray, k: float):
+        super().__init__()
+        self.centre, self.k = centre, k
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        delta = self.atoms.positions - self.centre
+        energy = 0.5 * self.k * float((delta**2).sum())
+        self.results = {"energy": energy, "free_energy": energy, "forces": -self.k * delta}
+
+
+class FailingCalculator(Calculator):
+    implemented_properties = ["energy", "forces", "stress"]
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        raise RuntimeError("model not trained")
+
+
+def test_model_hessian_is_the_curvature_floored_and_leaves_atoms_alone():
+    from xtalforge.dynamics import model_hessian
+
+    atoms = Atoms("Ar3", positions=[[0, 0, 0], [3, 0, 0], [0, 3, 0]])
+    before = atoms.positions.copy()
+    stiff = model_hessian(atoms, HarmonicWell(atoms.positions + 0.1, k=7.0))
+    assert stiff.shape == (9, 9) and np.allclose(stiff, 7.0 * np.eye(9), atol=1e-6)
+    # A saddle (negative curvature) and a near-flat mode become positive: |k| and the floor.
+    assert np.allclose(model_hessian(atoms, HarmonicWell(atoms.positions, k=-3.0)), 3.0 * np.eye(9), atol=1e-6)
+    assert np.allclose(model_hessian(atoms, HarmonicWell(atoms.positions, k=1e-3), min_curvature=0.5),
+                       0.5 * np.eye(9), atol=1e-6)
+    assert np.array_equal(atoms.positions, before) and atoms.calc is None
+    assert model_hessian(atoms, FailingCalculator()) is None
+
+
+def test_bfgs_from_a_model_hessian_takes_fewer_oracle_steps_to_the_same_minimum():
+    config = RelaxConfig(validation_optimizer="BFGS")
+    plain = relax_structure(rattled_silicon(seed=4), stillinger_weber(), config, validation=True)
+    # The model here is the oracle's own potential: the best case, a Newton start.
+    newton = relax_structure(rattled_silicon(seed=4), stillinger_weber(), config, validation=True,
+                             hessian_model=stillinger_weber())
+    assert plain.status == newton.status == "converged"
+    assert plain.hessian == "identity" and newton.hessian == "model"
+    assert newton.energy_per_atom == pytest.approx(plain.energy_per_atom, abs=1e-4)
+    assert newton.n_calls <= plain.n_calls // 2
+    assert newton.n_calls == newton.n_steps + 1  # the model's evaluations are not oracle calls
+
+
+def test_a_failing_hessian_model_falls_back_and_other_optimizers_refuse_it():
+    config = RelaxConfig(validation_optimizer="BFGS")
+    result = relax_structure(rattled_silicon(), stillinger_weber(), config, validation=True,
+                             hessian_model=FailingCalculator())
+    assert result.status == "converged" and result.hessian.startswith("identity (the model Hessian failed")
+    with pytest.raises(ValueError, match="needs the BFGS optimizer"):
+        relax_structure(rattled_silicon(), stillinger_weber(), RelaxConfig(validation_optimizer="FIRE"),
+                        validation=True, hessian_model=stillinger_weber())

@@ -120,6 +120,8 @@ def test_loop_labels_trains_relaxes_and_validates(tmp_path, reference_dir, stand
 
     validation = store.records(stage="validation")
     assert validation and all(r.extra["reason"] in ("cluster", "merged cluster", "outside clusters") for r in validation)
+    # BFGS started from the Hessian of the model that proposed them (relax.validation_hessian).
+    assert all(r.extra["start_hessian"] == "model" for r in validation if r.status == "ok")
     assert summary["target_found"] is True and summary["best"]["spacegroup"].startswith("Fd-3m")
     assert summary["oracle_calls_to_target"] <= summary["oracle_calls"]
     # Every oracle single point is in the store: labels one each, validations their steps.
@@ -189,6 +191,8 @@ def test_transfer_settings_and_config_errors(tmp_path, reference_dir, stand_in):
     missing = _config(reference_dir, initial_dataset="nowhere.extxyz")
     with pytest.raises(ConfigError, match="not found"):
         run_search(missing, tmp_path / "missing", progress=False)
+    with pytest.raises(ConfigError, match="generation_workers must be 0"):
+        run_search(_config(reference_dir, generation_workers=-2), tmp_path / "workers", progress=False)
 
     # A training pool in a smaller cell: labels are Si4 cells, the search pool stays Si8.
     config = _config(reference_dir, max_cycles=1, training_formula_units=None)

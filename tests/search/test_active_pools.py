@@ -211,3 +211,32 @@ def test_uncertainty_force_floor_bounds_the_spread_near_minima():
     assert "uncertain" in strict.status.tolist()
     assert "uncertain" not in lenient.status.tolist()
     assert (lenient.energy_per_atom <= strict.energy_per_atom + 1e-9).all()
+
+
+def test_pool_generated_in_worker_processes_is_the_serial_pool(caplog):
+    import logging
+
+    from xtalforge.config import StructuresConfig
+    from xtalforge.search.active import CandidateGenerator, generation_workers
+    from xtalforge.structures.composition import Composition
+    from xtalforge.structures.constraints import Constraints
+
+    composition = Composition.parse("Si8")
+    constraints = Constraints.from_config(composition, StructuresConfig(min_distances={"Si-Si": 1.9}))
+    generate = CandidateGenerator(seed=2, search=(composition, constraints), training=(composition, constraints),
+                                  max_attempts=50, pyxtal_timeout_s=10.0, cell="conventional")
+    spec = pool_spec([227, 230, 141, 12], 3, 60)  # Ia-3d (230) cannot hold 8 atoms; 60 random: two blocks
+    log = logging.getLogger("pool-test")
+    with caplog.at_level(logging.WARNING, logger="pool-test"):
+        serial = generate_pool(spec, generate, progress=False, log=log)
+        parallel = generate_pool(spec, generate, progress=False, log=log, workers=2)
+    assert len(serial) == len(parallel) == 9 + 60
+    assert parallel.candidate.tolist() == serial.candidate.tolist()
+    assert parallel.initial_spacegroup.tolist() == serial.initial_spacegroup.tolist()
+    assert all(np.allclose(a.positions, b.positions) and np.allclose(a.cell, b.cell)
+               for a, b in zip(serial.atoms, parallel.atoms))
+    # Space group 230 fails on its first candidate and is not tried again, in either way.
+    assert [r.getMessage().split(" not generated")[0] for r in caplog.records] == [
+        "pool candidate 3 (symmetric, space group 230)"] * 2
+    assert generation_workers(3, 10) == 3 and generation_workers(0, 10) == 1  # small pools stay serial
+    assert generation_workers(0, 10_000) >= 1

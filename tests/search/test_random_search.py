@@ -36,6 +36,7 @@ def test_random_search_finds_diamond_si8(sw_config_file, tmp_path, si_diamond):
     validated = store.records(stage="validation")
     assert [r.candidate for r in validated] == [summary["best"]["candidate"]]
     assert summary["best"]["stage"] == "validation" and validated[0].extra["matches_target"]
+    assert validated[0].extra["start_hessian"] == "identity"  # random search has no model to take it from
 
 
 def test_random_search_validates_its_best_distinct_structures(tmp_path):

@@ -48,6 +48,7 @@ class RelaxResult:
     fmax: float | None = None  # eV/Å, largest atomic force
     smax_gpa: float | None = None  # GPa, largest component of stress + pressure (None without a cell)
     energies: list[float] = field(default_factory=list)  # energy after each step, initial first
+    hessian: str = "identity"  # BFGS's starting Hessian: "identity" (ASE's), or "model" (see hessian_model)
 
     @property
     def ok(self) -> bool:
@@ -82,6 +83,7 @@ def relax_structure(
     min_distances: MinDistances = None,
     trajectory=None,
     log=None,
+    hessian_model: Calculator | None = None,
 ) -> RelaxResult:
     """Relax positions and cell of ``atoms`` (not modified) with ``calculator``.
 
@@ -97,7 +99,9 @@ def relax_structure(
     ``config.min_distance_factor`` × its minimum, and any pair below
     ``config.min_distance_floor``. ``trajectory`` is a path or an open ASE Trajectory
     that receives every evaluated geometry; ``log`` is a path, ``"-"`` (stdout) or a
-    file-like object that receives one line per step.
+    file-like object that receives one line per step. ``hessian_model`` (a cheap calculator,
+    BFGS only) supplies BFGS's starting Hessian (:func:`~xtalforge.dynamics.hessian.model_hessian`);
+    ``RelaxResult.hessian`` says whether it was used.
     """
     config = config or RelaxConfig()
     criteria = _criteria(config, validation)
@@ -110,6 +114,7 @@ def relax_structure(
     pressure = pressure_gpa * units.GPa
     target = FrechetCellFilter(work, scalar_pressure=pressure) if relax_cell else work
     optimizer = OPTIMIZERS[criteria.optimizer](target, logfile=None)
+    hessian = _start_hessian(optimizer, work, hessian_model, pressure_gpa)
     thresholds = pair_thresholds(work.numbers, min_distances, config.min_distance_factor, config.min_distance_floor)
     initial_volume = work.get_volume() if relax_cell else None
 
@@ -146,7 +151,24 @@ def relax_structure(
                 break
             step += 1
 
-    return _result(work, initial, snapshot, status, reason, step, _calls(counted, calls_before), energies, pressure)
+    result = _result(work, initial, snapshot, status, reason, step, _calls(counted, calls_before), energies, pressure)
+    result.hessian = hessian
+    return result
+
+
+def _start_hessian(optimizer, atoms: Atoms, model: Calculator | None, pressure_gpa: float) -> str:
+    """Give BFGS ``model``'s Hessian to start from; which starting Hessian it has."""
+    if model is None:
+        return "identity"
+    if type(optimizer) is not BFGS:
+        raise ValueError(f"a model Hessian needs the BFGS optimizer, not {type(optimizer).__name__}")
+    from xtalforge.dynamics.hessian import model_hessian
+
+    hessian = model_hessian(atoms, model, pressure_gpa=pressure_gpa)
+    if hessian is None:
+        return "identity (the model Hessian failed)"
+    optimizer.H0 = hessian
+    return "model"
 
 
 def _criteria(config: RelaxConfig, validation: bool) -> _Criteria:

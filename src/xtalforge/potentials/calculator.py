@@ -22,7 +22,9 @@ class NNPCalculator(Calculator):
 
     def __init__(self, model, **kwargs):
         super().__init__(**kwargs)
-        self.ensemble = model.as_ensemble()
+        # Any model of the batched interface (``predict(batch, stress)`` -> Prediction) works;
+        # the spread results are there when the model gives them.
+        self.ensemble = model.as_ensemble() if hasattr(model, "as_ensemble") else model
 
     @property
     def elements(self) -> list[str]:
@@ -33,17 +35,16 @@ class NNPCalculator(Calculator):
         periodic = bool(np.all(self.atoms.pbc))
         pred = self.ensemble.predict(Batch.from_atoms([self.atoms]), stress=periodic)
         energy = float(pred.energy[0])
-        self.results = {
-            "energy": energy,
-            "free_energy": energy,
-            "forces": pred.forces.cpu().numpy().copy(),
-            "energy_std": float(pred.energy_std[0]),
-            "forces_std": pred.forces_std.cpu().numpy().copy(),
-            "uncertainty": float(pred.uncertainty[0]),
-        }
+        self.results = {"energy": energy, "free_energy": energy, "forces": pred.forces.cpu().numpy().copy()}
+        if pred.energy_std is not None:
+            self.results["energy_std"] = float(pred.energy_std[0])
+            self.results["forces_std"] = pred.forces_std.cpu().numpy().copy()
+        if pred.uncertainty is not None:
+            self.results["uncertainty"] = float(pred.uncertainty[0])
         if periodic:
             self.results["stress"] = _voigt(pred.stress[0].cpu().numpy())
-            self.results["stress_std"] = _voigt(pred.stress_std[0].cpu().numpy())
+            if pred.stress_std is not None:
+                self.results["stress_std"] = _voigt(pred.stress_std[0].cpu().numpy())
 
 
 def _voigt(tensor: np.ndarray) -> np.ndarray:

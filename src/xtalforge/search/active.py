@@ -29,6 +29,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,7 @@ def active_config(ctx: RunContext) -> ActiveConfig:
         (acfg.merge_window >= 0 and acfg.degenerate_window >= 0,
          "active.merge_window and active.degenerate_window are energy windows: give 0 (off) or more"),
         (acfg.training_pool_size >= 0 and acfg.per_spacegroup >= 0, "active pool sizes must not be negative"),
+        (acfg.generation_workers >= 0, "active.generation_workers must be 0 (one per core) or a number of processes"),
         (acfg.max_cycles == 0 or acfg.training_pool_size > 0 or acfg.label_from == "all",
          "active.training_pool_size is 0 but labels come from the training pool: set label_from = \"all\""),
     ]
@@ -288,11 +290,7 @@ def build_pool(ctx: RunContext) -> Pool:
     """Generate the search pool (symmetric, per space group) and the training pool (random)."""
     from xtalforge.structures.composition import Composition
     from xtalforge.structures.constraints import Constraints
-    from xtalforge.structures.generate import (
-        candidate_rng,
-        compatible_spacegroups,
-        generate_structure,
-    )
+    from xtalforge.structures.generate import compatible_spacegroups
 
     cfg, acfg = ctx.config, active_config(ctx)
     search_comp, search_constraints = ctx.composition, ctx.constraints
@@ -306,16 +304,47 @@ def build_pool(ctx: RunContext) -> Pool:
         spacegroups = list(acfg.spacegroups or cfg.structures.spacegroups or compatible_spacegroups(search_comp, cell=cfg.structures.cell))
     spec = pool_spec(spacegroups, acfg.per_spacegroup, acfg.training_pool_size, acfg.search_pool, acfg.search_pool_size)
 
-    def generate(candidate: int, mode: str, sg: int, origin: int) -> Atoms:
-        comp, constraints = (train_comp, train_constraints) if origin == TRAINING else (search_comp, search_constraints)
+    generate = CandidateGenerator(
+        seed=cfg.seed, search=(search_comp, search_constraints), training=(train_comp, train_constraints),
+        max_attempts=cfg.structures.max_attempts, pyxtal_timeout_s=cfg.structures.pyxtal_timeout_s,
+        cell=cfg.structures.cell,
+    )
+    workers = generation_workers(acfg.generation_workers, len(spec.candidates))
+    if workers > 1:
+        ctx.log.info("generating %d pool candidates in %d processes", len(spec.candidates), workers)
+    return generate_pool(spec, generate, progress=ctx.progress, log=ctx.log, workers=workers)
+
+
+@dataclass(frozen=True)
+class CandidateGenerator:
+    """Pool candidate ``candidate`` of either pool, from its own random stream (picklable for workers)."""
+
+    seed: int
+    search: tuple  # (Composition, Constraints) of the search pool
+    training: tuple  # ... and of the training pool (another cell size for transferability)
+    max_attempts: int
+    pyxtal_timeout_s: float | None
+    cell: str
+
+    def __call__(self, candidate: int, mode: str, sg: int, origin: int) -> Atoms:
+        from xtalforge.structures.generate import candidate_rng, generate_structure
+
+        comp, constraints = self.training if origin == TRAINING else self.search
         return generate_structure(
-            comp, constraints, candidate_rng(cfg.seed, candidate), mode=mode,
-            spacegroups=[sg] if mode == "symmetric" else None,
-            max_attempts=cfg.structures.max_attempts, pyxtal_timeout_s=cfg.structures.pyxtal_timeout_s,
-            cell=cfg.structures.cell,
+            comp, constraints, candidate_rng(self.seed, candidate), mode=mode,
+            spacegroups=[sg] if mode == "symmetric" else None, max_attempts=self.max_attempts,
+            pyxtal_timeout_s=self.pyxtal_timeout_s, cell=self.cell,
         )
 
-    return generate_pool(spec, generate, progress=ctx.progress, log=ctx.log)
+
+PARALLEL_GENERATION_MIN = 200  # smaller pools generate faster than worker processes start
+
+
+def generation_workers(setting: int, n_candidates: int) -> int:
+    """Processes for pool generation: ``setting``, or one per available core when it is 0."""
+    if setting == 0:
+        setting = len(os.sched_getaffinity(0)) if n_candidates >= PARALLEL_GENERATION_MIN else 1
+    return max(1, setting)
 
 
 def _relax_settings(ctx: RunContext) -> PoolRelaxSettings:
@@ -673,7 +702,8 @@ def _validate(ctx: RunContext, state: ActiveState, pool: Pool) -> ValidationOutc
     ctx.log.info("validating %d structures with the oracle after cycle %d: %s", len(tasks), cycle,
                  ", ".join(f"{t.key} ({t.reason}, {t.predicted_energy_per_atom:.4f})" for t in tasks))
     outcome = validate_structures(ctx, tasks, method=METHOD, generation=cycle,
-                                  trajectory_dir=_validation_dir(state, cycle))
+                                  trajectory_dir=_validation_dir(state, cycle),
+                                  hessian_model=_validation_model(ctx, state))
     every_round = ctx.store.records(stage=VALIDATION_STAGE, method=METHOD)
     state.validation = validation_table(every_round)
     state.validation_done = outcome.stopped_early is None
@@ -684,6 +714,16 @@ def _validate(ctx: RunContext, state: ActiveState, pool: Pool) -> ValidationOutc
     combined = ValidationOutcome(records=every_round, stopped_early=outcome.stopped_early)
     note_target(combined, every_round)
     return combined
+
+
+def _validation_model(ctx: RunContext, state: ActiveState):
+    """The ensemble that proposed the structures (mean as an ASE calculator), for BFGS's first Hessian."""
+    from xtalforge.potentials import NNPCalculator
+
+    path = state.model_path(state.last_finished_cycle)
+    if not path.exists():
+        path = ctx.config.resolve_path(active_config(ctx).initial_models)
+    return None if path is None or not path.exists() else NNPCalculator(load_models(path))
 
 
 def _validation_dir(state: ActiveState, cycle: int) -> Path:

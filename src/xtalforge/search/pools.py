@@ -213,32 +213,33 @@ def generate_pool(
     *,
     progress: bool = True,
     log=None,
+    workers: int = 1,
 ) -> Pool:
     """Generate every structure of ``spec`` with ``generate(candidate, mode, spacegroup, origin)``.
 
     A space group whose candidates cannot be generated (PyXtal gives up, an
     impossible Wyckoff combination) is skipped after its first failure and logged;
-    the pool is built from the rest.
+    the pool is built from the rest. ``workers > 1`` generates in that many processes,
+    one space group's candidates (or up to ``RANDOM_BLOCK`` random ones) per task;
+    ``generate`` must then be picklable. The pool is the same either way: every
+    candidate has its own random stream.
     """
-    atoms, keep, skipped = [], [], set()
+    blocks = _blocks(spec)
+    outcomes: dict[int, Atoms | str] = {}
     bar = tqdm(total=len(spec.candidates), desc="generating pool", unit="structure",
                disable=not progress or not sys.stderr.isatty())
-    for k, (cand, mode, sg, origin) in enumerate(zip(spec.candidates, spec.modes, spec.spacegroups, spec.origin)):
-        bar.update(1)
-        if (origin, sg) in skipped:
-            continue
-        try:
-            structure = generate(cand, mode, sg, origin)
-        except XtalforgeError as exc:
-            if mode == "symmetric":
-                skipped.add((origin, sg))
-            if log is not None:
-                log.warning("pool candidate %d (%s, space group %s) not generated: %s", cand, mode, sg or "-", exc)
-            continue
-        structure.calc = None
-        atoms.append(structure)
-        keep.append(k)
+    for block, done in _generated_blocks(blocks, generate, workers):
+        outcomes.update(done)
+        bar.update(len(block))
     bar.close()
+    atoms, keep = [], []
+    for k, (cand, mode, sg) in enumerate(zip(spec.candidates, spec.modes, spec.spacegroups)):
+        outcome = outcomes.get(k)  # absent: its space group failed on an earlier candidate
+        if isinstance(outcome, Atoms):
+            atoms.append(outcome)
+            keep.append(k)
+        elif outcome is not None and log is not None:
+            log.warning("pool candidate %d (%s, space group %s) not generated: %s", cand, mode, sg or "-", outcome)
     if not atoms:
         raise XtalforgeError("no pool structure could be generated: relax the structure constraints or choose other space groups")
     keep = np.array(keep, dtype=int)
@@ -251,6 +252,58 @@ def generate_pool(
         status=np.full(n, "initial", dtype="U16"),
         n_steps=np.zeros(n, dtype=int),
     )
+
+
+RANDOM_BLOCK = 50  # random candidates per generation task
+
+
+def _blocks(spec: PoolSpec) -> list[list[tuple]]:
+    """Runs of ``(k, candidate, mode, spacegroup, origin)``: one per symmetric space group and origin."""
+    blocks: list[list[tuple]] = []
+    entries = zip(range(len(spec.candidates)), spec.candidates, spec.modes, spec.spacegroups, spec.origin)
+    for entry in entries:
+        last = blocks[-1][-1] if blocks else None
+        same = last is not None and last[2:] == entry[2:] and (entry[2] == "symmetric" or len(blocks[-1]) < RANDOM_BLOCK)
+        if same:
+            blocks[-1].append(entry)
+        else:
+            blocks.append([entry])
+    return blocks
+
+
+def _generate_block(generate: Callable, block: list[tuple]) -> dict[int, Atoms | str]:
+    """Structures (or the failure's message) of one block; a symmetric block stops at its first failure."""
+    done: dict[int, Atoms | str] = {}
+    for k, cand, mode, sg, origin in block:
+        try:
+            structure = generate(cand, mode, sg, origin)
+        except XtalforgeError as exc:
+            done[k] = str(exc)
+            if mode == "symmetric":
+                break
+            continue
+        structure.calc = None
+        done[k] = structure
+    return done
+
+
+def _generated_blocks(blocks: list[list[tuple]], generate: Callable, workers: int):
+    """``(block, outcomes)`` for every block, serially or from ``workers`` processes as they finish."""
+    if workers <= 1 or len(blocks) < 2:
+        for block in blocks:
+            yield block, _generate_block(generate, block)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # fork where there is one: spawn would re-run a user's unguarded script in every worker. The
+    # children only run PyXtal and numpy, never the torch thread pools they inherit.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as executor:
+        futures = {executor.submit(_generate_block, generate, block): block for block in blocks}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
 
 
 # ---------------------------------------------------------------- model evaluation

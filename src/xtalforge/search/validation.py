@@ -51,13 +51,15 @@ def validate_structures(
     generation: int | None = None,
     max_oracle_calls: int | None = None,
     trajectory_dir: Path | None = None,
+    hessian_model=None,
 ) -> ValidationOutcome:
     """Relax each task's structure with the oracle and store the result.
 
     With ``generation``, only validations of that generation count as already done
     (a strategy may validate the same candidate again in a later generation).
     ``trajectory_dir`` receives each relaxation's evaluated geometries with their
-    oracle values as ``KEY.traj``.
+    oracle values as ``KEY.traj``. ``hessian_model`` is the cheap calculator that proposed the
+    structures: BFGS validations start from its Hessian (``relax.validation_hessian``).
     """
     cfg = ctx.config
     budget = max_oracle_calls if max_oracle_calls is not None else cfg.search.max_oracle_calls
@@ -81,7 +83,8 @@ def validate_structures(
             ctx.log.info("validation stopped: oracle budget of %d calls reached", budget)
             break
         trajectory = None if trajectory_dir is None else Path(trajectory_dir) / f"{task.key}.traj"
-        record = validate_one(ctx, task, method=method, generation=generation, trajectory=trajectory)
+        record = validate_one(ctx, task, method=method, generation=generation, trajectory=trajectory,
+                              hessian_model=hessian_model)
         ctx.store.add(record)
         outcome.records.append(record)
         note_target(outcome, [record])
@@ -90,7 +93,7 @@ def validate_structures(
 
 
 def validate_one(ctx: RunContext, task: ValidationTask, *, method: str, generation: int | None = None,
-                 trajectory: Path | None = None) -> StructureRecord:
+                 trajectory: Path | None = None, hessian_model=None) -> StructureRecord:
     """Oracle relaxation of one task (not stored); the record says how it went."""
     from xtalforge.dynamics import relax_structure
     from xtalforge.similarity import matches, spacegroup
@@ -100,6 +103,7 @@ def validate_one(ctx: RunContext, task: ValidationTask, *, method: str, generati
     result = relax_structure(
         task.atoms, ctx.oracle.calculator, cfg.relax, pressure_gpa=cfg.pressure_gpa, validation=True,
         min_distances=ctx.constraints.min_distance_matrix(task.atoms.numbers), trajectory=trajectory,
+        hessian_model=_hessian_model(cfg.relax, hessian_model),
     )
     ok = result.status != "failed"
     sg = spacegroup(result.atoms) if ok else None
@@ -107,6 +111,7 @@ def validate_one(ctx: RunContext, task: ValidationTask, *, method: str, generati
         "reason": task.reason,
         "predicted_energy_per_atom": task.predicted_energy_per_atom,
         "oracle_steps": result.n_steps,
+        "start_hessian": result.hessian,
         **task.info,
     }
     if ok and task.predicted_energy_per_atom is not None:
@@ -122,6 +127,12 @@ def validate_one(ctx: RunContext, task: ValidationTask, *, method: str, generati
         ctx, result, candidate=task.key, method=method, stage=STAGE, generation=generation,
         calls_start=calls_start, operator=task.reason, spacegroup_info=sg, extra=extra,
     )
+
+
+def _hessian_model(relax, model):
+    """The model whose Hessian starts BFGS, when the settings ask for one and BFGS can use it."""
+    use = relax.validation_hessian == "model" and relax.validation_optimizer == "BFGS"
+    return model if use else None
 
 
 def note_target(outcome: ValidationOutcome, records) -> None:
