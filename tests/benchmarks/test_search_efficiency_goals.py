@@ -1,19 +1,10 @@
 """The goal verdicts of benchmarks/search_efficiency.py, on hand-made rows."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "search_efficiency.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("search_efficiency_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+BENCHMARK = "search_efficiency"
 
 
 def run(method, mode, seed, found, calls, budget=3000, to_target=None):
@@ -115,7 +106,7 @@ def test_reuse_skips_active_runs_made_with_other_relax_or_active_defaults(bench,
 
 
 def test_settings_files_load_and_bad_ones_fail_before_any_run(bench, tmp_path):
-    for path in sorted((SCRIPT.parent / "settings").glob("*.toml")):
+    for path in sorted((Path(bench.__file__).parent / "settings").glob("*.toml")):
         overrides = bench.settings_overrides(path)
         config = bench.method_config(bench.base_config("Si16", 0, "symmetric", "sw", tmp_path), "active", 100,
                                      "symmetric", overrides)

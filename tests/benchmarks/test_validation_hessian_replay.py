@@ -1,21 +1,12 @@
 """The run figures of benchmarks/validation_hessian.py, on a hand-made replay."""
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "validation_hessian.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("validation_hessian_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+BENCHMARK = "validation_hessian"
 
 
 def relaxation(calls, energy, sg, target=False):
