@@ -273,7 +273,7 @@ class ActiveConfig:
     degenerate_window: float = 0.01  # eV/atom
     model_batch: int = 1024  # structures the ensemble relaxes or evaluates together (bounds memory)
     # Processes generating the pools (one space group per task): 0 = one per available core for
-    # pools of 200 or more. PyXtal takes about 1 s per Si46 candidate, 48 min for seed 004's pools.
+    # pools of 200 or more. PyXtal takes about 0.7 s per Si46 candidate: 48 min for 30 per space group on one core.
     generation_workers: int = 0
     initial_models: str | None = None  # ensemble file trained elsewhere: relaxes the pool before cycle 1
     initial_dataset: str | None = None  # extxyz/ASE db of labelled frames added to every training set
