@@ -13,8 +13,8 @@ ensemble (``cycle_NNN/model.pt``, the model that proposed it), in the run's task
 Reported per run: oracle calls of the validation both ways (the identity replay must equal
 the stored run, a check that the replay is exact), whether both end in the same minimum,
 and the run's calls in all and to the target had it validated from the model Hessian
-(calls before validation are the run's own; to the target: up to the validation that
-matched it).
+(labels are the run's own; to the target: up to the validation that matched it, later
+validation rounds and the labels between them included).
 
     python benchmarks/validation_hessian.py --runs WORKDIR             # every *_active_s* run in it
     python benchmarks/validation_hessian.py --runs WORKDIR --limit 1   # one structure per run (smoke)
@@ -76,12 +76,12 @@ def _run_figures(run_dir: Path, records, rows) -> dict:
     stored = sum(r["stored_calls"] for r in rows)
     model = sum(r["model"]["calls"] for r in rows)
     to_target = summary.get("oracle_calls_to_target")
-    if to_target is not None and to_target > before:  # found in validation: count up to the matching one
-        spent, to_target = before, None
-        for row in rows:
-            spent += row["model"]["calls"]
+    if to_target is not None and to_target > before:  # found in validation: where the replay matched it
+        saved, to_target = 0, None
+        for record, row in zip(records, rows, strict=True):
+            saved += row["stored_calls"] - row["model"]["calls"]  # fewer calls in every validation so far
             if row["model"]["matches_target"]:
-                to_target = spent
+                to_target = record.oracle_calls_total - saved
                 break
     return {
         "calls_before_validation": before,
