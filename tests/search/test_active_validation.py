@@ -1,13 +1,16 @@
 """Which pool structures the active search validates with the oracle (seed 004 II.G, III.B)."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from ase.build import bulk
 from ase.io import read
 
 from xtalforge.config import RunConfig, from_dict
-from xtalforge.search.active import validation_tasks
+from xtalforge.search.active import _validation_model, validation_tasks
 from xtalforge.search.pools import SEARCH, TRAINING, Pool
+from xtalforge.search.validation import uses_model_hessian
 
 
 class _Ctx:
@@ -87,3 +90,13 @@ def test_energy_windows_must_not_be_negative(pool):
 
     with pytest.raises(ConfigError, match="degenerate_window"):
         validation_tasks(_Ctx(degenerate_window=-0.01), pool)
+
+
+@pytest.mark.parametrize(("hessian", "optimizer", "uses"),
+                         [("model", "BFGS", True), ("identity", "BFGS", False), ("model", "FIRE", False)])
+def test_the_ensemble_is_loaded_for_validation_only_when_its_hessian_is_used(hessian, optimizer, uses):
+    relax = from_dict(RunConfig, {"composition": "Si8", "relax": {
+        "validation_hessian": hessian, "validation_optimizer": optimizer}}).relax
+    assert uses_model_hessian(relax) is uses
+    if not uses:  # returns before it looks for the cycle's model file (state is not needed)
+        assert _validation_model(SimpleNamespace(config=SimpleNamespace(relax=relax)), state=None) is None

@@ -68,6 +68,7 @@ from xtalforge.search.validation import (
     ValidationOutcome,
     ValidationTask,
     note_target,
+    uses_model_hessian,
     validate_structures,
 )
 from xtalforge.store import StructureRecord
@@ -717,9 +718,14 @@ def _validate(ctx: RunContext, state: ActiveState, pool: Pool) -> ValidationOutc
 
 
 def _validation_model(ctx: RunContext, state: ActiveState):
-    """The ensemble that proposed the structures (mean as an ASE calculator), for BFGS's first Hessian."""
+    """The ensemble that proposed the structures (mean as an ASE calculator), for BFGS's first Hessian.
+
+    None when validation does not use a model Hessian, so the ensemble is not read from disk for nothing.
+    """
     from xtalforge.potentials import NNPCalculator
 
+    if not uses_model_hessian(ctx.config.relax):
+        return None
     path = state.model_path(state.last_finished_cycle)
     if not path.exists():
         path = ctx.config.resolve_path(active_config(ctx).initial_models)

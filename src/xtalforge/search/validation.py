@@ -129,10 +129,14 @@ def validate_one(ctx: RunContext, task: ValidationTask, *, method: str, generati
     )
 
 
+def uses_model_hessian(relax) -> bool:
+    """Whether validation starts BFGS from a model's Hessian: the settings ask for it and BFGS can use it."""
+    return relax.validation_hessian == "model" and relax.validation_optimizer == "BFGS"
+
+
 def _hessian_model(relax, model):
-    """The model whose Hessian starts BFGS, when the settings ask for one and BFGS can use it."""
-    use = relax.validation_hessian == "model" and relax.validation_optimizer == "BFGS"
-    return model if use else None
+    """The model whose Hessian starts BFGS, when :func:`uses_model_hessian`."""
+    return model if uses_model_hessian(relax) else None
 
 
 def note_target(outcome: ValidationOutcome, records) -> None:
