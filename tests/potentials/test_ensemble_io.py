@@ -146,3 +146,24 @@ def test_empty_batch_and_atoms_without_neighbours(ensemble):
     assert torch.all(pred.forces[0] == 0) and torch.all(pred.stress[0] == 0)
     # an atom without neighbours has the network's energy at G = 0, the same in any cell
     assert float(pred.energy[0]) == pytest.approx(float(ensemble.predict_atoms([lone.repeat((2, 1, 1))]).energy[0]) / 2)
+
+
+def test_calculate_many_gives_each_structure_what_calculate_gives(ensemble):
+    structures = [ternary_cell(20), ternary_cell(21).repeat((1, 2, 1)), ternary_cell(22)]
+    calc = NNPCalculator(ensemble)
+    many = calc.calculate_many(structures, chunk=2)  # two batched calls, one structure in the second
+    for atoms, results in zip(structures, many, strict=True):
+        calc.calculate(atoms.copy(), ["energy"])
+        assert results.keys() == calc.results.keys()
+        for key, value in calc.results.items():
+            assert np.allclose(results[key], value, rtol=1e-10, atol=1e-12), key
+
+
+def test_model_hessian_is_the_same_from_batched_and_single_model_calls(ensemble):
+    from xtalforge.dynamics import model_hessian
+
+    atoms = ternary_cell(23)
+    batched = model_hessian(atoms, NNPCalculator(ensemble), pressure_gpa=1.0)
+    single = model_hessian(atoms, NNPCalculator(ensemble), pressure_gpa=1.0, batched=False)
+    assert batched.shape == (3 * len(atoms) + 9,) * 2
+    assert np.allclose(batched, single, rtol=1e-8, atol=1e-8)

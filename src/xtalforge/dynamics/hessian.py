@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.filters import FrechetCellFilter
 
 
@@ -25,6 +26,7 @@ def model_hessian(
     pressure_gpa: float = 0.0,
     step: float = 2e-3,
     min_curvature: float = 1.0,
+    batched: bool = True,
 ) -> np.ndarray | None:
     """Positive-definite Hessian of ``calculator`` at ``atoms`` (not modified) in BFGS coordinates.
 
@@ -33,28 +35,53 @@ def model_hessian(
     Central differences of the forces with ``step``; the symmetrised matrix's eigenvalues are
     replaced by their absolute values, floored at ``min_curvature`` (eV/Å²), so BFGS steps
     downhill along modes the model sees as saddles or flat. None when the model fails or
-    returns non-finite forces: the caller keeps BFGS's default.
+    returns non-finite forces: the caller keeps BFGS's default. With ``batched`` (default), a
+    calculator that has ``calculate_many`` (:class:`~xtalforge.potentials.NNPCalculator`) gets all
+    2 × (3N + 9) displaced geometries in batched calls instead of one call each.
     """
     work = atoms.copy()
-    work.calc = calculator
     periodic = bool(work.cell.rank == 3 and work.pbc.all())
     target = FrechetCellFilter(work, scalar_pressure=pressure_gpa * units.GPa) if periodic else work
     x0 = target.get_positions().copy()
-    shape, n = x0.shape, x0.size
-    hessian = np.empty((n, n))
+    n = x0.size
+    # Row 2i moves coordinate i by +step, row 2i + 1 by -step.
+    displaced = np.repeat(x0.reshape(1, -1), 2 * n, axis=0)
+    displaced[np.arange(2 * n), np.repeat(np.arange(n), 2)] += np.tile([step, -step], n)
     try:
-        for i in range(n):
-            forces = []
-            for sign in (1.0, -1.0):
-                x = x0.ravel().copy()
-                x[i] += sign * step
-                target.set_positions(x.reshape(shape))
-                forces.append(np.asarray(target.get_forces(), dtype=float).ravel())
-            hessian[:, i] = (forces[1] - forces[0]) / (2.0 * step)  # H = -dF/dx
+        forces = _target_forces(target, work, calculator, displaced.reshape(2 * n, *x0.shape), batched)
     except Exception:  # noqa: BLE001 - a failing model only costs the better starting Hessian
         return None
+    hessian = (forces[1::2] - forces[0::2]).T / (2.0 * step)  # H = -dF/dx, column i from rows 2i, 2i+1
     if not np.all(np.isfinite(hessian)):
         return None
     values, vectors = np.linalg.eigh(0.5 * (hessian + hessian.T))
     values = np.maximum(np.abs(values), min_curvature)
     return (vectors * values) @ vectors.T
+
+
+def _target_forces(target, work: Atoms, calculator: Calculator, positions: np.ndarray, batched: bool) -> np.ndarray:
+    """Forces on ``target`` (the filter over ``work``, or ``work``) at each of ``positions``, flattened.
+
+    With ``batched``, a calculator that has ``calculate_many`` (the NNP ensemble) evaluates every
+    geometry in batched model calls, and the filter turns each result into forces on its
+    coordinates. Otherwise the calculator is called once per geometry.
+    """
+    if not (batched and hasattr(calculator, "calculate_many")):
+        work.calc = calculator
+        return np.array([_forces_at(target, x) for x in positions])
+    frames = []
+    for x in positions:
+        target.set_positions(x)
+        frames.append(work.copy())
+    out = []
+    for x, results in zip(positions, calculator.calculate_many(frames), strict=True):
+        target.set_positions(x)
+        work.calc = SinglePointCalculator(work, **{k: results[k] for k in ("energy", "forces", "stress")
+                                                   if k in results})
+        out.append(np.asarray(target.get_forces(), dtype=float).ravel())
+    return np.array(out)
+
+
+def _forces_at(target, x: np.ndarray) -> np.ndarray:
+    target.set_positions(x)
+    return np.asarray(target.get_forces(), dtype=float).ravel()
