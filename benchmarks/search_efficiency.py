@@ -22,16 +22,17 @@ a budget of 3,000 or more counts as needing more; the check is per candidate mod
         --set potential.hidden_layers=[15,15] --set potential.epochs=1000 --set potential.patience=50
 
 The SevenNet-0 configuration measured on all four systems (settings/sevennet_cutdown.toml, 2 shared
-cores, 2026-12-03, results/search_efficiency_sevennet_cutdown.json):
+cores, 2026-12-03/04, results/search_efficiency_sevennet_hessian.json):
 
     python benchmarks/search_efficiency.py --settings benchmarks/settings/sevennet_cutdown.toml \
         --cell primitive --modes symmetric --active-budget 3000 --random-budget 6000
 
-found the ground state in 12 of 12 active runs, every run within 560 calls in all (with
-active.degenerate_window; without it Ga8As8 seed 2 stopped at wurtzite, 0.7 meV/atom above
-zincblende); symmetric random search in the same cells needed a median of 5199 (Si16), 911
-(Na8Cl8), 1186 (Al4O6) and at least 6000 (Ga8As8) calls, random search from fully random
-candidates (seed 004's baseline) at least 6000 for Si16, Ga8As8 and Al4O6.
+found the ground state in 12 of 12 active runs, every run within 505 calls in all (validation
+from the ensemble's Hessian, the default; from ASE's identity Hessian within 560,
+results/search_efficiency_sevennet_cutdown.json); symmetric random search in the same cells
+needed a median of 5199 (Si16), 911 (Na8Cl8), 1186 (Al4O6) and at least 6000 (Ga8As8) calls,
+random search from fully random candidates (seed 004's baseline) at least 6000 for Si16, Ga8As8
+and Al4O6.
 The README ("How well the active search does today") has the table, the Stillinger-Weber runs
 (results/search_efficiency.json: diamond Si16 in 3 of 3, tenfold fewer calls than random search)
 and what each option of the configuration did, with the results file of every experiment.
