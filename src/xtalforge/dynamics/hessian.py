@@ -13,10 +13,11 @@ oracle calls from 801 to 224, ending in the same minimum in 60 and a lower one i
 from __future__ import annotations
 
 import numpy as np
-from ase import Atoms, units
+from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.filters import FrechetCellFilter
+
+from xtalforge.dynamics.relax import optimizer_target
 
 
 def model_hessian(
@@ -31,7 +32,7 @@ def model_hessian(
     """Positive-definite Hessian of ``calculator`` at ``atoms`` (not modified) in BFGS coordinates.
 
     The coordinates are those ASE's BFGS moves in :func:`~xtalforge.dynamics.relax_structure`:
-    a ``FrechetCellFilter`` (enthalpy at ``pressure_gpa``) for periodic cells, positions otherwise.
+    :func:`~xtalforge.dynamics.relax.optimizer_target` (the cell filter at ``pressure_gpa`` for periodic cells).
     Central differences of the forces with ``step``; the symmetrised matrix's eigenvalues are
     replaced by their absolute values, floored at ``min_curvature`` (eV/Å²), so BFGS steps
     downhill along modes the model sees as saddles or flat. None when the model fails or
@@ -40,8 +41,7 @@ def model_hessian(
     2 × (3N + 9) displaced geometries in batched calls instead of one call each.
     """
     work = atoms.copy()
-    periodic = bool(work.cell.rank == 3 and work.pbc.all())
-    target = FrechetCellFilter(work, scalar_pressure=pressure_gpa * units.GPa) if periodic else work
+    target = optimizer_target(work, pressure_gpa)
     x0 = target.get_positions().copy()
     n = x0.size
     # Row 2i moves coordinate i by +step, row 2i + 1 by -step.

@@ -110,9 +110,9 @@ def relax_structure(
     work = atoms.copy()
     counted, calls_before = _counted(calculator)
     work.calc = counted
-    relax_cell = bool(work.cell.rank == 3 and work.pbc.all())
+    target = optimizer_target(work, pressure_gpa)
+    relax_cell = target is not work
     pressure = pressure_gpa * units.GPa
-    target = FrechetCellFilter(work, scalar_pressure=pressure) if relax_cell else work
     optimizer = OPTIMIZERS[criteria.optimizer](target, logfile=None)
     hessian = _start_hessian(optimizer, work, hessian_model, pressure_gpa)
     thresholds = pair_thresholds(work.numbers, min_distances, config.min_distance_factor, config.min_distance_floor)
@@ -154,6 +154,14 @@ def relax_structure(
     result = _result(work, initial, snapshot, status, reason, step, _calls(counted, calls_before), energies, pressure)
     result.hessian = hessian
     return result
+
+
+def optimizer_target(atoms: Atoms, pressure_gpa: float = 0.0):
+    """What the optimizers move: a ``FrechetCellFilter`` (enthalpy at ``pressure_gpa``) over a
+    periodic cell, so positions and cell relax together; the atoms themselves otherwise."""
+    if atoms.cell.rank == 3 and atoms.pbc.all():
+        return FrechetCellFilter(atoms, scalar_pressure=pressure_gpa * units.GPa)
+    return atoms
 
 
 def _start_hessian(optimizer, atoms: Atoms, model: Calculator | None, pressure_gpa: float) -> str:

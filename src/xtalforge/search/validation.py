@@ -103,7 +103,7 @@ def validate_one(ctx: RunContext, task: ValidationTask, *, method: str, generati
     result = relax_structure(
         task.atoms, ctx.oracle.calculator, cfg.relax, pressure_gpa=cfg.pressure_gpa, validation=True,
         min_distances=ctx.constraints.min_distance_matrix(task.atoms.numbers), trajectory=trajectory,
-        hessian_model=_hessian_model(cfg.relax, hessian_model),
+        hessian_model=hessian_model if uses_model_hessian(cfg.relax) else None,
     )
     ok = result.status != "failed"
     sg = spacegroup(result.atoms) if ok else None
@@ -132,11 +132,6 @@ def validate_one(ctx: RunContext, task: ValidationTask, *, method: str, generati
 def uses_model_hessian(relax) -> bool:
     """Whether validation starts BFGS from a model's Hessian: the settings ask for it and BFGS can use it."""
     return relax.validation_hessian == "model" and relax.validation_optimizer == "BFGS"
-
-
-def _hessian_model(relax, model):
-    """The model whose Hessian starts BFGS, when :func:`uses_model_hessian`."""
-    return model if uses_model_hessian(relax) else None
 
 
 def note_target(outcome: ValidationOutcome, records) -> None:
